@@ -1,0 +1,129 @@
+"""The one small interface every model family implements.
+
+A family knows how to load its diffusers components, turn captions and pixels into the tensors its denoiser
+wants, draw noise and timesteps for its objective, run the denoiser, say which modules a LoRA may target,
+and name those modules the way ComfyUI's LoraLoader expects them in an exported file.
+
+Shapes used throughout:
+- pixels: float tensor ``[C=3, F, H, W]`` in ``[-1, 1]`` (images are ``F = 1``).
+- latents: whatever ``encode_pixels`` returns for one item, without a batch dimension; batches are stacked.
+- conditioning: a dict of tensors for one caption, without a batch dimension; batches are stacked per key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+
+@dataclass
+class TargetModule:
+    name: str          # diffusers module path relative to the denoiser, e.g. "blocks.0.attn1.to_q"
+    module: nn.Module  # nn.Linear, nn.Conv2d or nn.Conv3d
+    group: str         # "linear" (Linear and 1x1 convs) or "conv" (convs with a kernel > 1)
+
+
+@dataclass
+class NoisyBatch:
+    model_input: torch.Tensor   # what the denoiser receives as its sample
+    timesteps: torch.Tensor     # what the denoiser receives as its timestep, shape [B]
+    target: torch.Tensor        # what the prediction is compared with (MSE)
+
+
+@dataclass
+class LoadedModel:
+    """Everything a family loaded. Encoders may be set to None once their outputs are cached."""
+
+    denoiser: nn.Module
+    vae: nn.Module | None = None
+    text_encoders: list = field(default_factory=list)
+    tokenizers: list = field(default_factory=list)
+    extra: dict = field(default_factory=dict)  # family specifics: scheduler config, shift, prediction type, ...
+
+
+class ModelFamily:
+    """Subclass once per family; instances are cheap and hold the loaded components."""
+
+    name: str = ""
+    # Pixel sizes must be multiples of this (VAE downscale x patch size).
+    resolution_factor: int = 8
+    # True when the family trains on clips; then num_frames must satisfy `valid_num_frames`.
+    video: bool = False
+
+    def __init__(self, loaded: LoadedModel | None = None):
+        self.loaded = loaded
+
+    # ---- static facts, usable before loading (job validation) ----
+    @classmethod
+    def valid_num_frames(cls, n: int) -> bool:
+        return n == 1
+
+    @classmethod
+    def num_frames_rule(cls) -> str:
+        return "1 (this family trains on still images)"
+
+    @classmethod
+    def has_conv_targets(cls, conv_rank: int) -> bool:
+        """Whether a LoRA with this conv rank targets any conv layer (kernel > 1) of this family."""
+        return conv_rank > 0
+
+    # ---- loading ----
+    @classmethod
+    def load(cls, path: str, dtype: torch.dtype, device: torch.device | str = "cpu") -> "ModelFamily":
+        """Load from a diffusers folder or hub id; raise ModelError naming the path if it is not this family."""
+        raise NotImplementedError
+
+    @property
+    def denoiser(self) -> nn.Module:
+        return self.loaded.denoiser
+
+    # ---- encoding (run once per caption / item, then cached) ----
+    def encode_prompts(self, captions: list[str]) -> list[dict[str, torch.Tensor]]:
+        raise NotImplementedError
+
+    def encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        """pixels [B, 3, F, H, W] in [-1, 1] -> latents [B, ...] already scaled/normalized for the denoiser."""
+        raise NotImplementedError
+
+    def release_encoders(self) -> None:
+        """Drop the text encoders and the VAE once everything is cached."""
+        self.loaded.vae = None
+        self.loaded.text_encoders = []
+        self.loaded.tokenizers = []
+
+    # ---- objective ----
+    def sample_timesteps(self, n: int, generator: torch.Generator | None) -> torch.Tensor:
+        """Uniform numbers u in [0, 1), one per item; `add_noise` maps them to the family's timestep."""
+        return torch.rand(n, generator=generator)
+
+    def add_noise(self, latents: torch.Tensor, noise: torch.Tensor, u: torch.Tensor) -> NoisyBatch:
+        raise NotImplementedError
+
+    def predict(self, noisy: NoisyBatch, cond: dict[str, torch.Tensor]) -> torch.Tensor:
+        raise NotImplementedError
+
+    # ---- LoRA targets and export names ----
+    def target_modules(self, linear_rank: int, conv_rank: int) -> list[TargetModule]:
+        raise NotImplementedError
+
+    @classmethod
+    def export_prefix(cls, module_name: str) -> str:
+        """ComfyUI key prefix for a diffusers module name; '<prefix>.lora_up.weight' etc. are written."""
+        raise NotImplementedError
+
+    def describe(self) -> dict[str, Any]:
+        """Metadata recorded in the exported file."""
+        return {"family": self.name}
+
+
+def module_group(module: nn.Module) -> str | None:
+    """'linear' for Linear and 1x1 convs (kohya's convention: they take the linear rank), 'conv' for real
+    convolutions, None for anything a LoRA cannot wrap."""
+    if isinstance(module, nn.Linear):
+        return "linear"
+    if isinstance(module, (nn.Conv2d, nn.Conv3d)):
+        return "linear" if all(k == 1 for k in module.kernel_size) else "conv"
+    return None

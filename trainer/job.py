@@ -1,0 +1,498 @@
+"""The job file: dataclasses, defaults, and validation that names the field at fault.
+
+A job is validated completely before any model is loaded. Key names follow ai-toolkit where it has them.
+YAML and JSON are both accepted (JSON is YAML). Every error is a JobError whose `field` is the dotted path of
+the offending key and whose message says what is allowed.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import math
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import JobError
+from .schedule.phases_config import ExitCriteria, Phase, ScheduleConfig
+
+DTYPES = ("fp32", "fp16", "bf16")
+OPTIMIZERS = ("adamw", "adamw8bit")
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
+PRESET_EXITS = {
+    # The seed's thresholds: (loss_improvement_rate_below, min_gradient_stability, min_loss_r2).
+    "video": ExitCriteria(0.005, 0.50, 0.01),
+    "image": ExitCriteria(0.001, 0.55, 0.1),
+}
+PRESET_PHASES = (("foundation", 8.0, 2000), ("balance", 14.0, 3000), ("emphasis", 20.0, 2000))
+
+
+@dataclass
+class ModelConfig:
+    family: str
+    path: str
+    dtype: str = "bf16"
+
+
+@dataclass
+class DatasetConfig:
+    folder_path: str
+    caption_ext: str = "txt"
+    trigger_word: str | None = None
+    caption_dropout_rate: float = 0.0
+    resolution: list = field(default_factory=lambda: [512])
+    num_frames: int = 1
+    num_repeats: int = 1
+    default_caption: str = ""
+    cache_latents_to_disk: bool = False
+    on_bad_file: str = "error"
+    frame_sampling: str = "auto"
+
+
+@dataclass
+class NetworkConfig:
+    type: str = "lora"
+    linear: int = 16
+    linear_alpha: float = 16.0
+    conv: int = 0
+    conv_alpha: float = 0.0
+    only_if_contains: list = field(default_factory=list)
+    ignore_if_contains: list = field(default_factory=list)
+    dropout: float = 0.0
+    alpha_schedule: ScheduleConfig | None = None
+
+    def base_alphas(self) -> dict:
+        return {"linear": float(self.linear_alpha), "conv": float(self.conv_alpha)}
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    batch_size: int = 1
+    gradient_accumulation: int = 1
+    lr: float = 1e-4
+    optimizer: str = "adamw"
+    lr_scheduler: str = "constant"
+    warmup_steps: int = 0
+    max_grad_norm: float = 1.0
+    seed: int = 42
+    gradient_checkpointing: bool = False
+    mixed_precision: str = "auto"
+    max_bad_steps: int = 5
+
+
+@dataclass
+class SaveConfig:
+    every: int = 500
+    keep_last: int = 3
+    resume: str | None = "latest"
+
+
+@dataclass
+class Job:
+    job: str
+    output_dir: str
+    model: ModelConfig
+    datasets: list
+    network: NetworkConfig
+    train: TrainConfig
+    save: SaveConfig
+    source: dict = field(default_factory=dict, repr=False)  # the raw mapping, for metadata and hashing
+
+    @property
+    def lora_path(self) -> Path:
+        return Path(self.output_dir) / f"{self.job}.safetensors"
+
+    @property
+    def metrics_path(self) -> Path:
+        return Path(self.output_dir) / f"metrics_{self.job}.jsonl"
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return Path(self.output_dir) / "checkpoints"
+
+    def network_signature(self) -> str:
+        """What a checkpoint must match to be resumed: family, network shape, schedule phases."""
+        n = self.network
+        sched = None
+        if n.alpha_schedule is not None:
+            sched = [(p.name, sorted(p.alphas.items())) for p in n.alpha_schedule.phases]
+        blob = json.dumps([self.model.family, n.type, n.linear, n.conv, n.only_if_contains,
+                           n.ignore_if_contains, sched], sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------- reading helpers
+
+
+def _keys(data: Any, path: str, allowed: tuple, required: tuple = ()) -> dict:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise JobError(path, f"must be a mapping with keys {', '.join(allowed)}; got {type(data).__name__}")
+    for k in data:
+        if k not in allowed:
+            near = difflib.get_close_matches(str(k), allowed, n=1)
+            hint = f" (did you mean '{near[0]}'?)" if near else ""
+            raise JobError(_join(path, k), f"unknown key{hint}; allowed keys: {', '.join(allowed)}")
+    for k in required:
+        if data.get(k) is None:
+            raise JobError(_join(path, k), "is required")
+    return data
+
+
+def _join(path: str, key: Any) -> str:
+    return f"{path}.{key}" if path else str(key)
+
+
+def _int(data: dict, key: str, path: str, default: int, lo: int | None = None) -> int:
+    v = data.get(key, default)
+    f = _join(path, key)
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or (isinstance(v, float) and not v.is_integer()):
+        raise JobError(f, f"must be a whole number; got {v!r}")
+    v = int(v)
+    if lo is not None and v < lo:
+        raise JobError(f, f"must be >= {lo}; got {v}")
+    return v
+
+
+def _float(data: dict, key: str, path: str, default: float, lo: float | None = None, hi: float | None = None,
+           lo_open: bool = False) -> float:
+    v = data.get(key, default)
+    f = _join(path, key)
+    if isinstance(v, str):
+        try:  # YAML 1.1 reads "1e-4" as a string; accept it as the number users meant
+            v = float(v)
+        except ValueError:
+            pass
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise JobError(f, f"must be a finite number; got {v!r}")
+    v = float(v)
+    if lo is not None and (v <= lo if lo_open else v < lo):
+        raise JobError(f, f"must be {'>' if lo_open else '>='} {lo:g}; got {v:g}")
+    if hi is not None and v > hi:
+        raise JobError(f, f"must be <= {hi:g}; got {v:g}")
+    return v
+
+
+def _bool(data: dict, key: str, path: str, default: bool) -> bool:
+    v = data.get(key, default)
+    if not isinstance(v, bool):
+        raise JobError(_join(path, key), f"must be true or false; got {v!r}")
+    return v
+
+
+def _choice(data: dict, key: str, path: str, default: str, choices: tuple) -> str:
+    v = data.get(key, default)
+    if not isinstance(v, str) or v.lower() not in choices:
+        raise JobError(_join(path, key), f"must be one of {', '.join(choices)}; got {v!r}")
+    return v.lower()
+
+
+def _str(data: dict, key: str, path: str, default: str | None = None, required: bool = False) -> str | None:
+    v = data.get(key, default)
+    if v is None and not required:
+        return None
+    if not isinstance(v, str) or (required and not v.strip()):
+        raise JobError(_join(path, key), f"must be a non-empty text; got {v!r}")
+    return v
+
+
+def _str_list(data: dict, key: str, path: str) -> list:
+    v = data.get(key, [])
+    if v is None:
+        return []
+    if isinstance(v, str):
+        v = [v]
+    if not isinstance(v, list) or not all(isinstance(s, str) and s for s in v):
+        raise JobError(_join(path, key), f"must be a list of non-empty texts; got {v!r}")
+    return list(v)
+
+
+# ---------------------------------------------------------------- sections
+
+
+def _model(data: Any) -> ModelConfig:
+    from .families import FAMILIES
+
+    d = _keys(data, "model", ("family", "path", "dtype"), required=("family", "path"))
+    fam = d["family"]
+    if not isinstance(fam, str) or fam not in FAMILIES:
+        raise JobError("model.family", f"unknown family {fam!r}; use one of {', '.join(sorted(FAMILIES))}")
+    return ModelConfig(family=fam, path=_str(d, "path", "model", required=True),
+                       dtype=_choice(d, "dtype", "model", "bf16", DTYPES))
+
+
+def _dataset(data: Any, path: str, family_cls) -> DatasetConfig:
+    allowed = tuple(DatasetConfig.__dataclass_fields__)
+    d = _keys(data, path, allowed, required=("folder_path",))
+    res = d.get("resolution", [512])
+    if isinstance(res, int) and not isinstance(res, bool):
+        res = [res]
+    if not isinstance(res, list) or not res or not all(isinstance(r, int) and not isinstance(r, bool) for r in res):
+        raise JobError(_join(path, "resolution"), f"must be a whole number or a list of them; got {res!r}")
+    factor = family_cls.resolution_factor
+    for r in res:
+        if r < factor or r % factor:
+            raise JobError(_join(path, "resolution"),
+                           f"{r} is not a positive multiple of {factor}, which {family_cls.name} needs "
+                           f"(VAE and patch size); try {max(factor, round(r / factor) * factor)}")
+    frames = _int(d, "num_frames", path, 1, lo=1)
+    if not family_cls.valid_num_frames(frames):
+        raise JobError(_join(path, "num_frames"), f"{frames} is not allowed for {family_cls.name}: "
+                                                  f"use {family_cls.num_frames_rule()}")
+    ext = _str(d, "caption_ext", path, "txt", required=True).lstrip(".")
+    if "/" in ext or "\\" in ext:
+        raise JobError(_join(path, "caption_ext"), f"must be a file extension like 'txt'; got {ext!r}")
+    return DatasetConfig(
+        folder_path=_str(d, "folder_path", path, required=True),
+        caption_ext=ext,
+        trigger_word=_str(d, "trigger_word", path),
+        caption_dropout_rate=_float(d, "caption_dropout_rate", path, 0.0, lo=0.0, hi=1.0),
+        resolution=list(res),
+        num_frames=frames,
+        num_repeats=_int(d, "num_repeats", path, 1, lo=1),
+        default_caption=_str(d, "default_caption", path, "") or "",
+        cache_latents_to_disk=_bool(d, "cache_latents_to_disk", path, False),
+        on_bad_file=_choice(d, "on_bad_file", path, "error", ("error", "skip")),
+        frame_sampling=_choice(d, "frame_sampling", path, "auto", ("auto", "decode", "seek")),
+    )
+
+
+def _exit(data: Any, path: str, base: ExitCriteria) -> ExitCriteria:
+    d = _keys(data, path, tuple(ExitCriteria.__dataclass_fields__))
+    return ExitCriteria(
+        loss_improvement_rate_below=_float(d, "loss_improvement_rate_below", path, base.loss_improvement_rate_below, lo=0.0),
+        min_gradient_stability=_float(d, "min_gradient_stability", path, base.min_gradient_stability, lo=0.0, hi=1.0),
+        min_loss_r2=_float(d, "min_loss_r2", path, base.min_loss_r2, lo=0.0, hi=1.0),
+        max_loss_cv=_float(d, "max_loss_cv", path, base.max_loss_cv, lo=0.0, lo_open=True),
+        r2_gate=_bool(d, "r2_gate", path, base.r2_gate),
+    )
+
+
+def _phases(data: Any, path: str, group: str, base_exit: ExitCriteria) -> list:
+    if not isinstance(data, dict) or not data:
+        raise JobError(path, "must be a mapping of phase name -> {alpha, min_steps, exit_criteria}, in order")
+    out = []
+    for name, spec in data.items():
+        p = _join(path, name)
+        if not isinstance(name, str) or not NAME_RE.match(name):
+            raise JobError(p, "a phase name must be letters, digits, '_', '-' or '.'")
+        d = _keys(spec, p, ("alpha", "min_steps", "exit_criteria"))
+        if d.get("alpha") is None:
+            raise JobError(_join(p, "alpha"), "is required: the alpha this phase trains with (> 0)")
+        alpha = _float(d, "alpha", p, 0.0, lo=0.0, lo_open=True)
+        exit_ = _exit(d.get("exit_criteria"), _join(p, "exit_criteria"), base_exit)
+        out.append(Phase(name=name, alphas={group: alpha}, min_steps=_int(d, "min_steps", p, 500, lo=0), exit=exit_))
+    return out
+
+
+def _schedule(data: Any, path: str, net: NetworkConfig, family_cls) -> tuple:
+    """Returns (ScheduleConfig or None, linear_alpha override or None)."""
+    d = _keys(data, path, ("enabled", "linear_alpha", "conv_alpha_phases", "linear_alpha_phases", "ramp_steps",
+                           "preset", "window", "per_expert", "mode"))
+    if not _bool(d, "enabled", path, True):
+        return None, None
+    if d.get("per_expert") is not None:
+        raise JobError(_join(path, "per_expert"), "needs a two-expert family (Wan 2.2 A14B), which is not "
+                                                  "supported yet; use conv_alpha_phases or linear_alpha_phases")
+    preset = d.get("preset")
+    if preset is not None and preset not in PRESET_EXITS:
+        raise JobError(_join(path, "preset"), f"must be one of {', '.join(PRESET_EXITS)}; got {preset!r}")
+    base_exit = PRESET_EXITS.get(preset, ExitCriteria())
+    linear_override = None
+    if d.get("linear_alpha") is not None:
+        linear_override = _float(d, "linear_alpha", path, 16.0, lo=0.0, lo_open=True)
+
+    lists = {}
+    for group, key in (("conv", "conv_alpha_phases"), ("linear", "linear_alpha_phases")):
+        if d.get(key) is not None:
+            lists[group] = _phases(d[key], _join(path, key), group, base_exit)
+    if not lists:
+        if preset is None:
+            raise JobError(path, "enabled but has no phases: give conv_alpha_phases or linear_alpha_phases "
+                                 "(or preset: video|image for the seed's foundation/balance/emphasis phases)")
+        group = "conv" if family_cls.has_conv_targets(net.conv) else "linear"
+        lists[group] = [Phase(n, {group: a}, m, base_exit) for n, a, m in PRESET_PHASES]
+
+    if "conv" in lists and not family_cls.has_conv_targets(net.conv):
+        why = ("network.conv is 0, so no conv layer gets a LoRA" if net.conv == 0 else
+               f"{family_cls.name} has no conv layers in its LoRA targets")
+        raise JobError(_join(path, "conv_alpha_phases"),
+                       f"would change nothing: {why}. Schedule the linear layers with linear_alpha_phases "
+                       f"(transformers such as Wan and Flux are almost all linear layers)")
+    if "linear" in lists and net.linear == 0:
+        raise JobError(_join(path, "linear_alpha_phases"), "would change nothing: network.linear is 0")
+
+    if len(lists) == 2:
+        conv, lin = lists["conv"], lists["linear"]
+        if [p.name for p in conv] != [p.name for p in lin]:
+            raise JobError(_join(path, "linear_alpha_phases"),
+                           "when both conv and linear phases are given they run as one schedule: use the same "
+                           f"phase names in the same order as conv_alpha_phases ({', '.join(p.name for p in conv)})")
+        for c, l in zip(conv, lin):
+            if c.min_steps != l.min_steps or c.exit != l.exit:
+                raise JobError(_join(path, f"linear_alpha_phases.{l.name}"),
+                               "min_steps and exit_criteria must match the conv phase of the same name (one "
+                               "state machine decides both); give them in one of the two lists only")
+        phases = [Phase(c.name, {"conv": c.alphas["conv"], "linear": l.alphas["linear"]}, c.min_steps, c.exit)
+                  for c, l in zip(conv, lin)]
+    else:
+        phases = next(iter(lists.values()))
+
+    names = [p.name for p in phases]
+    dup = {n for n in names if names.count(n) > 1}
+    if dup:
+        raise JobError(path, f"duplicate phase names: {', '.join(sorted(dup))}")
+    cfg = ScheduleConfig(phases=tuple(phases), ramp_steps=_int(d, "ramp_steps", path, 0, lo=0),
+                         window=_int(d, "window", path, 200, lo=20))
+    return cfg, linear_override
+
+
+def _network(data: Any, family_cls) -> NetworkConfig:
+    path = "network"
+    d = _keys(data, path, tuple(f for f in NetworkConfig.__dataclass_fields__))
+    if d.get("type", "lora") != "lora":
+        raise JobError("network.type", f"only 'lora' is supported; got {d.get('type')!r}")
+    linear = _int(d, "linear", path, 16, lo=0)
+    conv = _int(d, "conv", path, 0, lo=0)
+    if linear == 0 and conv == 0:
+        raise JobError("network.linear", "linear and conv ranks are both 0: nothing would be trained; set linear > 0")
+    net = NetworkConfig(
+        linear=linear,
+        linear_alpha=_float(d, "linear_alpha", path, float(linear), lo=0.0, lo_open=linear > 0),
+        conv=conv,
+        conv_alpha=_float(d, "conv_alpha", path, float(conv), lo=0.0, lo_open=conv > 0),
+        only_if_contains=_str_list(d, "only_if_contains", path),
+        ignore_if_contains=_str_list(d, "ignore_if_contains", path),
+        dropout=_float(d, "dropout", path, 0.0, lo=0.0, hi=0.9),
+    )
+    if d.get("alpha_schedule") is not None:
+        sched, linear_override = _schedule(d["alpha_schedule"], "network.alpha_schedule", net, family_cls)
+        net.alpha_schedule = sched
+        if linear_override is not None:
+            # The seed's alpha_schedule.linear_alpha is the fixed alpha of linear layers while conv is scheduled.
+            net.linear_alpha = linear_override
+    return net
+
+
+def _train(data: Any) -> TrainConfig:
+    p = "train"
+    d = _keys(data, p, tuple(TrainConfig.__dataclass_fields__))
+    t = TrainConfig(
+        steps=_int(d, "steps", p, 1000, lo=1),
+        batch_size=_int(d, "batch_size", p, 1, lo=1),
+        gradient_accumulation=_int(d, "gradient_accumulation", p, 1, lo=1),
+        lr=_float(d, "lr", p, 1e-4, lo=0.0, lo_open=True),
+        optimizer=_choice(d, "optimizer", p, "adamw", OPTIMIZERS),
+        lr_scheduler=_choice(d, "lr_scheduler", p, "constant", LR_SCHEDULERS),
+        warmup_steps=_int(d, "warmup_steps", p, 0, lo=0),
+        max_grad_norm=_float(d, "max_grad_norm", p, 1.0, lo=0.0),
+        seed=_int(d, "seed", p, 42, lo=0),
+        gradient_checkpointing=_bool(d, "gradient_checkpointing", p, False),
+        mixed_precision=_choice(d, "mixed_precision", p, "auto", MIXED_PRECISION),
+        max_bad_steps=_int(d, "max_bad_steps", p, 5, lo=1),
+    )
+    if t.warmup_steps >= t.steps and t.warmup_steps:
+        raise JobError("train.warmup_steps", f"must be below train.steps ({t.steps}); got {t.warmup_steps}")
+    return t
+
+
+def _save(data: Any, steps: int) -> SaveConfig:
+    p = "save"
+    d = _keys(data, p, ("every", "keep_last", "resume"))
+    resume = d.get("resume", "latest")
+    if resume is False or resume in ("none", "", "no"):
+        resume = None
+    if resume is not None and not isinstance(resume, str):
+        raise JobError("save.resume", f"must be 'latest', 'none' or a checkpoint folder path; got {resume!r}")
+    return SaveConfig(every=_int(d, "every", p, min(500, steps), lo=1), keep_last=_int(d, "keep_last", p, 3, lo=1),
+                      resume=resume)
+
+
+def validate_name(name: Any, field_name: str = "job") -> str:
+    if not isinstance(name, str) or not NAME_RE.match(name) or ".." in name:
+        raise JobError(field_name, f"{name!r} is not a usable name: use letters, digits, '_', '-', '.' (no path "
+                                   "separators, no '..', at most 128 characters)")
+    return name
+
+
+def parse_job(data: Any, base_dir: str | Path | None = None) -> Job:
+    """Validate a job mapping completely and return a Job. Relative paths are resolved against base_dir."""
+    from .families import get_family
+
+    d = _keys(data, "", ("job", "output_dir", "model", "datasets", "network", "train", "save"),
+              required=("job", "model", "datasets"))
+    name = validate_name(d["job"])
+    model = _model(d["model"])
+    family_cls = get_family(model.family)
+    raw_ds = d["datasets"]
+    if not isinstance(raw_ds, list) or not raw_ds:
+        raise JobError("datasets", "must be a non-empty list of datasets ({folder_path: ..., ...})")
+    datasets = [_dataset(x, f"datasets[{i}]", family_cls) for i, x in enumerate(raw_ds)]
+    network = _network(d.get("network", {}), family_cls)
+    train = _train(d.get("train", {}))
+    save = _save(d.get("save", {}), train.steps)
+    out = d.get("output_dir", f"./output/{name}")
+    if not isinstance(out, str) or not out:
+        raise JobError("output_dir", f"must be a folder path; got {out!r}")
+
+    base = Path(base_dir) if base_dir is not None else None
+
+    def resolve(p: str) -> str:
+        q = Path(p).expanduser()
+        return str(q if q.is_absolute() or base is None else (base / q))
+
+    for ds in datasets:
+        ds.folder_path = resolve(ds.folder_path)
+    if _looks_like_path(model.path):
+        model.path = resolve(model.path)
+    if save.resume not in (None, "latest"):
+        save.resume = resolve(save.resume)
+    return Job(job=name, output_dir=resolve(out), model=model, datasets=datasets, network=network, train=train,
+               save=save, source=data)
+
+
+def _looks_like_path(p: str) -> bool:
+    """A hub id is 'owner/name'; anything else (./x, /x, x/y/z, an existing folder) is a local path."""
+    return (p.startswith((".", "/", "~")) or p.count("/") != 1 or Path(p).exists()
+            or re.match(r"^[A-Za-z]:[\\/]", p) is not None)
+
+
+def load_job(path: str | Path) -> Job:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise JobError("", f"job file {path} does not exist") from None
+    except UnicodeDecodeError:
+        raise JobError("", f"job file {path} is not UTF-8 text; save it as UTF-8") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise JobError("", f"job file {path} is not valid YAML/JSON: {e}") from None
+    return parse_job(data, base_dir=path.parent)
+
+
+def job_to_dict(job: Job) -> dict:
+    """A plain mapping that parse_job accepts again (used by the Export Job node and checkpoints)."""
+    net = job.network
+    network = {k: v for k, v in asdict(net).items() if k != "alpha_schedule"}
+    if net.alpha_schedule is not None:
+        s = net.alpha_schedule
+        sched: dict = {"enabled": True, "ramp_steps": s.ramp_steps, "window": s.window}
+        for group in s.groups:
+            sched[f"{group}_alpha_phases"] = {
+                p.name: {"alpha": p.alphas[group], "min_steps": p.min_steps, "exit_criteria": asdict(p.exit)}
+                for p in s.phases}
+        network["alpha_schedule"] = sched
+    return {"job": job.job, "output_dir": job.output_dir, "model": asdict(job.model),
+            "datasets": [asdict(d) for d in job.datasets], "network": network,
+            "train": asdict(job.train), "save": asdict(job.save)}

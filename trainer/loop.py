@@ -1,0 +1,370 @@
+"""train(job): the training loop, read top to bottom.
+
+model -> dataset -> network -> schedule -> loop -> export. Everything cheap is checked before anything slow:
+the job is already validated, then the checkpoint to resume is checked against the job, then the dataset files
+are scanned, and only then is the model loaded.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+
+from . import checkpoint as ckpt
+from .errors import InterruptedTraining, TrainerError
+from .export import comfy_state_dict, lora_metadata, save_lora
+from .families import get_family
+from .job import Job
+from .lora import LoRANetwork
+from .metrics import MetricsLog, read_records
+from .schedule.gradient_stability import GradientSignAgreement
+from .schedule.scheduler import AlphaScheduler
+
+TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class Callbacks:
+    """What a caller (the CLI, the ComfyUI node, a test) hooks into the loop."""
+
+    def log(self, message: str) -> None:
+        print(message, flush=True)
+
+    def on_step(self, record: dict) -> None:
+        pass
+
+    def should_stop(self) -> bool:
+        return False
+
+
+@dataclass
+class TrainResult:
+    lora_path: Path
+    metrics_path: Path
+    step: int
+    records: list
+    lora_state: dict  # ComfyUI-keyed tensors (what the LORA_MODEL output carries)
+    checkpoint_path: Path | None = None
+    transitions: list = field(default_factory=list)
+
+
+class _StopFlag:
+    """SIGINT / SIGTERM set a flag; the loop stops at the next step boundary and saves."""
+
+    def __init__(self):
+        self.stop = False
+        self._old = {}
+
+    def __enter__(self):
+        try:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        except ValueError:  # not the main thread (e.g. inside ComfyUI's worker): the caller's should_stop rules
+            self._old = {}
+        return self
+
+    def _handle(self, signum, frame):
+        if self.stop:  # a second Ctrl+C means now
+            raise KeyboardInterrupt
+        self.stop = True
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+class _DataPosition:
+    """Walks epochs of batches deterministically; (epoch, index) is all a checkpoint needs to continue."""
+
+    def __init__(self, training_set, batch_size: int, seed: int, epoch: int = 0, index: int = 0):
+        self.ts, self.batch_size, self.seed = training_set, batch_size, seed
+        self.epoch, self.index = epoch, index
+        self._batches = training_set.epoch_batches(epoch, batch_size, seed)
+
+    def next(self) -> list:
+        if self.index >= len(self._batches):
+            self.epoch, self.index = self.epoch + 1, 0
+            self._batches = self.ts.epoch_batches(self.epoch, self.batch_size, self.seed)
+        batch = self._batches[self.index]
+        self.index += 1
+        return batch
+
+    def state(self) -> dict:
+        return {"epoch": self.epoch, "index": self.index}
+
+
+def _mixed_precision(setting: str) -> str:
+    if setting == "auto":
+        return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    return setting
+
+
+def _make_optimizer(job: Job, params: list, device: torch.device) -> torch.optim.Optimizer:
+    t = job.train
+    if t.optimizer == "adamw8bit":
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise TrainerError("train.optimizer: adamw8bit needs the bitsandbytes package (pip install "
+                               "bitsandbytes) and a CUDA GPU; use adamw otherwise") from None
+        return bnb.optim.AdamW8bit(params, lr=t.lr)
+    return torch.optim.AdamW(params, lr=t.lr, fused=device.type == "cuda")
+
+
+def _rng_state(noise_gen: torch.Generator, data_gen: torch.Generator, stability) -> dict:
+    state = {"torch": torch.get_rng_state(), "noise_gen": noise_gen.get_state(), "data_gen": data_gen.get_state(),
+             "stability": stability.state_dict()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _restore_rng(state: dict, noise_gen, data_gen, stability) -> None:
+    torch.set_rng_state(state["torch"])
+    noise_gen.set_state(state["noise_gen"])
+    data_gen.set_state(state["data_gen"])
+    stability.load_state_dict(state["stability"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _finite(x) -> bool:
+    return x is not None and math.isfinite(x)
+
+
+def train(job: Job, callbacks: Callbacks | None = None, *, family=None, training_set=None,
+          lora_path: Path | None = None, accelerator: Accelerator | None = None) -> TrainResult:
+    """Run a job. `family` (a loaded ModelFamily) and `training_set` (a built TrainingSet) may be given by a
+    caller that already has them (the ComfyUI nodes); otherwise they are loaded from the job."""
+    cb = callbacks or Callbacks()
+    t, s = job.train, job.save
+    lora_path = Path(lora_path) if lora_path else job.lora_path
+    family_cls = get_family(job.model.family)
+    accelerator = accelerator or Accelerator(mixed_precision=_mixed_precision(t.mixed_precision),
+                                             gradient_accumulation_steps=t.gradient_accumulation)
+    device = accelerator.device
+
+    # ---- cheap checks first: the checkpoint to resume, the dataset files ----
+    resume_from = ckpt.find_resume(job.checkpoint_dir, s.resume)
+    resume_state = None
+    if resume_from is not None:
+        resume_state = ckpt.read_state(resume_from)
+        ckpt.check_compatible(resume_state, resume_from, job_name=job.job, signature=job.network_signature())
+    from .data.training_set import TrainingSet, scan_datasets
+
+    items = None if training_set is not None else scan_datasets(job.datasets, family_cls, log=cb.log)
+
+    # ---- model, then data encoded once and cached, then the encoders go ----
+    set_seed(t.seed)
+    if family is None:
+        cb.log(f"loading {family_cls.name} from {job.model.path}")
+        family = family_cls.load(job.model.path, dtype=TORCH_DTYPES[job.model.dtype], device=device)
+    if training_set is None:
+        training_set = TrainingSet.build(items, family, seed=t.seed, log=cb.log)
+    family.release_encoders()
+    weight_dtype = TORCH_DTYPES[job.model.dtype]
+
+    # ---- the LoRA network and its schedule ----
+    denoiser = family.denoiser
+    denoiser.requires_grad_(False)
+    if t.gradient_checkpointing and hasattr(denoiser, "enable_gradient_checkpointing"):
+        denoiser.enable_gradient_checkpointing()
+    net_cfg = job.network
+    torch.manual_seed(t.seed)  # LoRA init is part of the run's identity
+    network = LoRANetwork(family.target_modules(net_cfg.linear, net_cfg.conv), linear_rank=net_cfg.linear,
+                          linear_alpha=net_cfg.linear_alpha, conv_rank=net_cfg.conv, conv_alpha=net_cfg.conv_alpha,
+                          only_if_contains=net_cfg.only_if_contains, ignore_if_contains=net_cfg.ignore_if_contains,
+                          dropout=net_cfg.dropout).to(device)
+    counts = network.group_counts()
+    scheduler = None
+    if net_cfg.alpha_schedule is not None:
+        for group in net_cfg.alpha_schedule.groups:
+            if counts[group] == 0:
+                raise TrainerError(f"network.alpha_schedule: the {group} group is scheduled but no {group} module "
+                                   f"is trained (modules: {counts}); schedule the other group or widen the filters")
+        scheduler = AlphaScheduler(net_cfg.alpha_schedule, net_cfg.base_alphas())
+        network.set_alphas(scheduler.alphas())
+    network.apply_to()
+    params = network.trainable_parameters()
+    cb.log(f"LoRA: {counts['linear']} linear + {counts['conv']} conv modules, {network.num_parameters():,} parameters")
+
+    optimizer = _make_optimizer(job, params, device)
+    from diffusers.optimization import get_scheduler
+
+    lr_scheduler = get_scheduler(t.lr_scheduler, optimizer, num_warmup_steps=t.warmup_steps,
+                                 num_training_steps=t.steps)
+    denoiser, optimizer, lr_scheduler = accelerator.prepare(denoiser, optimizer, lr_scheduler)
+    family.loaded.denoiser = denoiser
+
+    noise_gen = torch.Generator().manual_seed(t.seed + 1)
+    data_gen = torch.Generator().manual_seed(t.seed + 2)
+    stability = GradientSignAgreement()
+    data = _DataPosition(training_set, t.batch_size, t.seed)
+    step, bad_steps = 0, 0
+
+    # ---- resume ----
+    if resume_from is not None:
+        bundle = ckpt.load_bundle(resume_from)
+        network.load_state_dict(bundle["lora"])
+        optimizer.load_state_dict(bundle["optimizer"])
+        lr_scheduler.load_state_dict(bundle["lr_scheduler"])
+        _restore_rng(bundle["rng"], noise_gen, data_gen, stability)
+        st = bundle["state"]
+        step, bad_steps = st["step"], st.get("bad_steps", 0)
+        data = _DataPosition(training_set, t.batch_size, t.seed, **st["data"])
+        if scheduler is not None:
+            scheduler.load_state_dict(st["scheduler"])
+            network.set_alphas(scheduler.alphas())
+        cb.log(f"resumed from {resume_from} at step {step}")
+    log = MetricsLog(job.metrics_path, resume_from_step=step if resume_from is not None else None)
+    records = read_records(job.metrics_path) if resume_from is not None else []
+
+    def checkpoint_now() -> Path:
+        state = {"job": job.job, "signature": job.network_signature(), "data": data.state(), "bad_steps": bad_steps,
+                 "scheduler": scheduler.state_dict() if scheduler else None}
+        return ckpt.save_checkpoint(job.checkpoint_dir, step=step, lora=network.state_dict(),
+                                    optimizer=optimizer.state_dict(), lr_scheduler=lr_scheduler.state_dict(),
+                                    rng=_rng_state(noise_gen, data_gen, stability), state=state,
+                                    keep_last=s.keep_last)
+
+    def export(path: Path) -> Path:
+        meta = lora_metadata(family, network, step=step, phase=scheduler.phase.name if scheduler else None,
+                             history=scheduler.history if scheduler else [], dataset_summary=training_set.summary(),
+                             job_name=job.job)
+        return save_lora(path, network, family, meta)
+
+    def emit(record: dict) -> None:
+        log.write(record)
+        records.append(record)
+        cb.on_step(record)
+
+    pending = [("resume", {"checkpoint": str(resume_from)})] if resume_from is not None else []
+
+    # ---- the loop ----
+    denoiser.train()
+    last_ckpt = resume_from
+    t0 = time.perf_counter()
+    with _StopFlag() as stop:
+        while step < t.steps:
+            step += 1
+            micro_losses = []
+            for _ in range(t.gradient_accumulation):
+                batch = training_set.collate(data.next(), data_gen)
+                latents = batch["latents"]
+                u = family.sample_timesteps(latents.shape[0], noise_gen)
+                noise = torch.randn(latents.shape, generator=noise_gen, dtype=latents.dtype)
+                noisy = family.add_noise(latents, noise, u)
+                noisy.model_input = noisy.model_input.to(device, weight_dtype)
+                noisy.timesteps = noisy.timesteps.to(device)
+                cond = {k: v.to(device, weight_dtype) for k, v in batch["cond"].items()}
+                with accelerator.accumulate(denoiser):
+                    with accelerator.autocast():
+                        pred = family.predict(noisy, cond)
+                    loss = F.mse_loss(pred.float(), noisy.target.to(device, torch.float32))
+                    accelerator.backward(loss)
+                micro_losses.append(loss.detach())
+            grad_norm = accelerator.clip_grad_norm_(params, t.max_grad_norm if t.max_grad_norm > 0 else float("inf"))
+            agreement = stability.update(params)
+            nan = torch.tensor(float("nan"), device=device)
+            loss_v, norm_v, stab_v = torch.stack([torch.stack(micro_losses).mean().float(),
+                                                  torch.as_tensor(grad_norm, device=device).float(),
+                                                  agreement.float() if agreement is not None else nan]).tolist()
+            stab_v = stab_v if _finite(stab_v) else None
+            lr = lr_scheduler.get_last_lr()[0]
+            if not (_finite(loss_v) and _finite(norm_v)):
+                # a NaN/Inf loss or gradient: skip the update, keep the last good weights
+                optimizer.zero_grad(set_to_none=True)
+                bad_steps += 1
+                emit(_record(step, loss_v, None, norm_v, lr, optimizer, scheduler, network, event="nan_skip",
+                             detail={"consecutive": bad_steps}))
+                if bad_steps >= t.max_bad_steps:
+                    path = checkpoint_now()
+                    log.close()
+                    network.remove()
+                    raise TrainerError(f"{bad_steps} consecutive steps had a NaN/Inf loss or gradient; stopped. The "
+                                       f"last good weights are in {path}. Lower train.lr, or use fp32/bf16 weights")
+                continue
+            bad_steps = 0
+            optimizer.step()
+            lr_scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+
+            events = list(pending)
+            pending.clear()
+            if scheduler is not None:
+                transition = scheduler.update(step, loss_v, stab_v)
+                network.set_alphas(scheduler.alphas())
+                if transition is not None:
+                    events.append(("transition", transition))
+                    cb.log(_describe_transition(transition))
+            stopping = (stop.stop or cb.should_stop()) and step < t.steps
+            saving = stopping or (step % s.every == 0 and step < t.steps)
+            if saving:
+                events.append(("interrupt" if stopping else "checkpoint",
+                               {"path": str(ckpt.bundle_path(job.checkpoint_dir, step))}))
+            record = _record(step, loss_v, stab_v, norm_v, lr, optimizer, scheduler, network,
+                             event=events[0][0] if events else None,
+                             detail=(events[0][1] if len(events) == 1 else dict(events)) if events else None)
+            emit(record)  # the record first: a log never lacks a step that a checkpoint holds
+            if saving:
+                last_ckpt = checkpoint_now()
+            if stopping:
+                partial = export(lora_path.with_name(f"{lora_path.stem}_step{step}.safetensors"))
+                log.close()
+                network.remove()
+                cb.log(f"interrupted at step {step}: checkpoint {last_ckpt}, partial LoRA {partial}")
+                raise InterruptedTraining(step, partial, last_ckpt)
+            if step == 1 or step % 50 == 0 or step == t.steps:
+                rate = (time.perf_counter() - t0) / max(1, len(records))
+                cb.log(f"step {step}/{t.steps} loss {loss_v:.4f} phase {record['phase']} "
+                       f"alpha {record['linear_alpha']}/{record['conv_alpha']} ({rate:.3f} s/step)")
+
+    last_ckpt = checkpoint_now()
+    out = export(lora_path)
+    log.close()
+    lora_state = comfy_state_dict(network, family_cls)
+    network.remove()
+    cb.log(f"saved LoRA {out}")
+    return TrainResult(lora_path=out, metrics_path=job.metrics_path, step=step, records=records,
+                       lora_state=lora_state, checkpoint_path=last_ckpt,
+                       transitions=list(scheduler.history) if scheduler else [])
+
+
+def _record(step, loss, stability, grad_norm, lr, optimizer, scheduler, network, *, event=None, detail=None,
+            expert=None) -> dict:
+    snap = scheduler.snapshot() if scheduler else {}
+    alphas = network.alphas()
+    return {
+        "step": step,
+        "timestamp": None,  # MetricsLog stamps it
+        "loss": loss,
+        "loss_slope": snap.get("loss_slope"),
+        "loss_r2": snap.get("loss_r2"),
+        "loss_cv": snap.get("loss_cv"),
+        "loss_samples": snap.get("loss_samples", 0),
+        "gradient_stability": stability,
+        "gradient_stability_avg": snap.get("gradient_stability_avg"),
+        "grad_norm": grad_norm,
+        "lr": lr if lr is not None else optimizer.param_groups[0]["lr"],
+        "phase": scheduler.phase.name if scheduler else None,
+        "phase_idx": scheduler.phase_idx if scheduler else None,
+        "steps_in_phase": scheduler.steps_in_phase if scheduler else None,
+        "linear_alpha": alphas["linear"],
+        "conv_alpha": alphas["conv"],
+        "expert": expert,
+        "event": event,
+        "event_detail": detail,
+    }
+
+
+def _describe_transition(tr: dict) -> str:
+    nums = ", ".join(f"{k} {tr[k]:.3g}" for k in ("slope", "r2", "cv", "stability") if _finite(tr.get(k)))
+    return (f"step {tr['step']}: phase {tr['from_phase']} -> {tr['to_phase']} after {tr['steps_in_phase']} steps "
+            f"(alpha {tr.get('from_alphas')} -> {tr.get('to_alphas')}; {nums})")
