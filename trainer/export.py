@@ -47,6 +47,22 @@ def atomic_save_safetensors(tensors: dict, path: Path, metadata: dict | None = N
     return path
 
 
+def atomic_write_bytes(path: Path, data: bytes) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
 def lora_metadata(family, network: LoRANetwork, *, step: int, phase: str | None, history: list,
                   dataset_summary: dict | None, job_name: str) -> dict:
     """safetensors metadata is str -> str; structured values are JSON."""
