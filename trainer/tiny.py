@@ -1,0 +1,213 @@
+"""Tiny random models saved as complete diffusers pipeline folders (no downloads).
+
+The `demo` command and the tests train on these. They have the real classes, the real folder layout and real
+tokenizer files, only with small configs and random (seeded) weights, so everything that loads a real SD 1.5 or
+Wan 2.1 folder loads these the same way.
+
+Sizes: the SD 1.5 VAE keeps the real 8x downscale (4 levels) so latent shapes follow the real model's arithmetic;
+the Wan VAE is the small configuration diffusers' own Wan tests use (also 8x spatial, 4x temporal).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+import torch
+
+# The tiny tokenizers' maximum lengths. CLIP's real 77 is cheap at this width; Wan's real 512 is also cheap for
+# the tiny text encoder, and using it keeps the Wan family on WanPipeline's default.
+SD15_TEXT_LENGTH = 77
+WAN_TEXT_LENGTH = 512
+
+
+def build_tiny_sd15(path, prediction_type: str = "epsilon", seed: int = 0) -> Path:
+    """Write a random SD 1.5-shaped StableDiffusionPipeline folder at `path` (must not exist or be empty)."""
+    from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    if prediction_type not in ("epsilon", "v_prediction"):
+        raise ValueError(f"prediction_type must be 'epsilon' or 'v_prediction', not {prediction_type!r}")
+
+    def build(root: Path) -> None:
+        tokenizer = _byte_level_tokenizer(
+            specials=["<|startoftext|>", "<|endoftext|>"], bos="<|startoftext|>", eos="<|endoftext|>",
+            pad="<|endoftext|>", max_length=SD15_TEXT_LENGTH,
+        )
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            unet = UNet2DConditionModel(
+                sample_size=8,
+                in_channels=4,
+                out_channels=4,
+                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+                block_out_channels=(32, 64),
+                layers_per_block=1,
+                cross_attention_dim=32,
+                attention_head_dim=4,
+                norm_num_groups=32,
+            )
+            vae = AutoencoderKL(
+                in_channels=3,
+                out_channels=3,
+                down_block_types=("DownEncoderBlock2D",) * 4,
+                up_block_types=("UpDecoderBlock2D",) * 4,
+                block_out_channels=(8, 16, 16, 16),
+                layers_per_block=1,
+                latent_channels=4,
+                norm_num_groups=8,
+                sample_size=64,
+                scaling_factor=0.18215,
+            )
+            text_encoder = CLIPTextModel(
+                CLIPTextConfig(
+                    vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                    num_attention_heads=4, max_position_embeddings=SD15_TEXT_LENGTH, projection_dim=32,
+                    hidden_act="quick_gelu",
+                    bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                    pad_token_id=tokenizer.pad_token_id,
+                )
+            )
+        # The scheduler class and betas real SD 1.5 folders ship; training reads its betas and prediction type.
+        scheduler = PNDMScheduler(
+            num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+            skip_prk_steps=True, steps_offset=1, set_alpha_to_one=False, prediction_type=prediction_type,
+        )
+        unet.save_pretrained(root / "unet")
+        vae.save_pretrained(root / "vae")
+        text_encoder.save_pretrained(root / "text_encoder")
+        _save_tokenizer(tokenizer, root / "tokenizer")
+        scheduler.save_pretrained(root / "scheduler")
+        _write_json(root / "model_index.json", {
+            "_class_name": "StableDiffusionPipeline",
+            "_diffusers_version": _diffusers_version(),
+            "feature_extractor": [None, None],
+            "requires_safety_checker": False,
+            "safety_checker": [None, None],
+            "scheduler": ["diffusers", "PNDMScheduler"],
+            "text_encoder": ["transformers", "CLIPTextModel"],
+            "tokenizer": ["transformers", "PreTrainedTokenizerFast"],
+            "unet": ["diffusers", "UNet2DConditionModel"],
+            "vae": ["diffusers", "AutoencoderKL"],
+        })
+
+    return _build_atomically(Path(path), build)
+
+
+def build_tiny_wan21(path, seed: int = 0) -> Path:
+    """Write a random Wan 2.1 T2V-shaped WanPipeline folder at `path` (must not exist or be empty)."""
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanTransformer3DModel
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    def build(root: Path) -> None:
+        tokenizer = _byte_level_tokenizer(
+            specials=["<pad>", "</s>", "<unk>"], bos=None, eos="</s>", pad="<pad>", max_length=WAN_TEXT_LENGTH,
+        )
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            # The configuration of diffusers' own Wan pipeline tests.
+            transformer = WanTransformer3DModel(
+                patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=16, out_channels=16,
+                text_dim=32, freq_dim=256, ffn_dim=32, num_layers=2, cross_attn_norm=True,
+                qk_norm="rms_norm_across_heads", rope_max_seq_len=32,
+            )
+            vae = AutoencoderKLWan(
+                base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True],
+            )
+            text_encoder = UMT5EncoderModel(
+                UMT5Config(
+                    vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                    relative_attention_num_buckets=8, relative_attention_max_distance=32,
+                    feed_forward_proj="gated-gelu", pad_token_id=tokenizer.pad_token_id,
+                    eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=tokenizer.pad_token_id,
+                )
+            )
+        # What the Wan-AI diffusers repos ship: UniPC with flow sigmas and the 480p shift.
+        scheduler = UniPCMultistepScheduler(
+            num_train_timesteps=1000, prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0,
+        )
+        transformer.save_pretrained(root / "transformer")
+        vae.save_pretrained(root / "vae")
+        text_encoder.save_pretrained(root / "text_encoder")
+        _save_tokenizer(tokenizer, root / "tokenizer")
+        scheduler.save_pretrained(root / "scheduler")
+        _write_json(root / "model_index.json", {
+            "_class_name": "WanPipeline",
+            "_diffusers_version": _diffusers_version(),
+            "scheduler": ["diffusers", "UniPCMultistepScheduler"],
+            "text_encoder": ["transformers", "UMT5EncoderModel"],
+            "tokenizer": ["transformers", "PreTrainedTokenizerFast"],
+            "transformer": ["diffusers", "WanTransformer3DModel"],
+            "vae": ["diffusers", "AutoencoderKLWan"],
+        })
+
+    return _build_atomically(Path(path), build)
+
+
+def _byte_level_tokenizer(specials: list[str], bos: str | None, eos: str, pad: str, max_length: int):
+    """A real byte-level BPE tokenizer (the 256-byte alphabet, no merges): every caption tokenizes, distinct
+    captions get distinct ids, and it saves as an ordinary tokenizer.json that AutoTokenizer loads."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {token: i for i, token in enumerate(specials)}
+    for symbol in sorted(pre_tokenizers.ByteLevel.alphabet()):
+        vocab[symbol] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    template = f"{bos} $A {eos}" if bos else f"$A {eos}"
+    tok.post_processor = processors.TemplateProcessing(
+        single=template, special_tokens=[(t, vocab[t]) for t in (bos, eos) if t]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=bos, eos_token=eos, pad_token=pad, unk_token=None,
+        model_max_length=max_length,
+    )
+
+
+def _save_tokenizer(tokenizer, folder: Path) -> None:
+    tokenizer.save_pretrained(folder)
+    # transformers 5 records its own backend class name, which transformers 4 cannot resolve; the generic fast
+    # class loads the same tokenizer.json in both.
+    config_path = folder / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    config.pop("backend", None)
+    _write_json(config_path, config)
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def _diffusers_version() -> str:
+    import diffusers
+
+    return diffusers.__version__
+
+
+def _build_atomically(path: Path, build) -> Path:
+    """Build into a sibling temp folder and rename it into place, so a half-written model never exists."""
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise FileExistsError(f"{path}: already exists and is not an empty folder; choose a new path")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # os.mkdir (not mkdtemp, which is private 0700) so the folder gets the user's usual permissions.
+    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
+    tmp.mkdir()
+    try:
+        build(tmp)
+        if path.exists():
+            path.rmdir()
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
