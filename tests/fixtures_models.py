@@ -1,0 +1,40 @@
+"""Session-wide tiny model folders (import these fixtures from conftest.py).
+
+Each folder is built once per test session. The builds are also memoized here, so a test module that imports
+the fixtures itself (as well as conftest) still shares the one folder.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from trainer.tiny import build_tiny_sd15, build_tiny_wan21
+
+_BUILT: dict[tuple[str, str], Path] = {}
+
+
+def _build_once(kind: str, tmp_path_factory, builder, **kwargs) -> Path:
+    key = (kind, str(tmp_path_factory.getbasetemp()))
+    if key not in _BUILT:
+        _BUILT[key] = builder(tmp_path_factory.mktemp(kind) / "model", **kwargs)
+    return _BUILT[key]
+
+
+@pytest.fixture(scope="session")
+def tiny_sd15_path(tmp_path_factory) -> Path:
+    """A random SD 1.5-shaped StableDiffusionPipeline folder (epsilon prediction)."""
+    return _build_once("tiny_sd15", tmp_path_factory, build_tiny_sd15)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd15_vpred_path(tmp_path_factory) -> Path:
+    """The same, with a v_prediction scheduler config."""
+    return _build_once("tiny_sd15_vpred", tmp_path_factory, build_tiny_sd15, prediction_type="v_prediction")
+
+
+@pytest.fixture(scope="session")
+def tiny_wan21_path(tmp_path_factory) -> Path:
+    """A random Wan 2.1 T2V-shaped WanPipeline folder."""
+    return _build_once("tiny_wan21", tmp_path_factory, build_tiny_wan21)
