@@ -9,6 +9,10 @@ JSONL record (``metrics_<job>.jsonl``, one line per optimizer step, flushed as w
     expert (null, "high_noise" or "low_noise"), event (null or one of EVENT_CODES' names, or a list of
     them when several happen at one step), event_detail (object or null), val_loss (optional).
 
+    The schedule fields (phase, phase_idx, steps_in_phase, the alphas, the loss statistics) are those after
+    the step's scheduler update: a transition record already names the new phase, with steps_in_phase 0,
+    and its alphas are the ones the next step uses.
+
 Tensor (``records_to_tensor``): float32 ``[steps, len(COLUMNS)]``, NaN where a value is undefined, columns in
 this fixed order:
 
