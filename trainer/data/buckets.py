@@ -32,8 +32,14 @@ def bucket_size(width: int, height: int, resolution: int | None, factor: int) ->
     if resolution < factor:
         raise ValueError(f"resolution {resolution} is smaller than the model's size step of {factor} pixels")
     ratio_root = math.sqrt(width / height)
-    bucket_w = max(factor, round(resolution * ratio_root / factor) * factor)
-    bucket_h = max(factor, round(resolution / ratio_root / factor) * factor)
+    bucket_w = round(resolution * ratio_root / factor) * factor
+    bucket_h = round(resolution / ratio_root / factor) * factor
+    # An extreme aspect ratio can round the short side to nothing: give it one step and keep the area.
+    area_steps = round(resolution * resolution / (factor * factor))
+    if bucket_w < factor:
+        bucket_w, bucket_h = factor, max(1, area_steps) * factor
+    elif bucket_h < factor:
+        bucket_w, bucket_h = max(1, area_steps) * factor, factor
     if bucket_w > width or bucket_h > height:
         return native_bucket(width, height, factor)
     return (bucket_w, bucket_h)

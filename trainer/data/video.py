@@ -61,7 +61,8 @@ def _open(path: Path):
     try:
         return av.open(str(path), "r")
     except (av.FFmpegError, OSError, UnicodeDecodeError) as exc:
-        raise DatasetError(path, f"cannot open this video ({exc}); it may be corrupt or not a video file") from exc
+        reason = getattr(exc, "strerror", None) or exc  # FFmpeg's own message repeats the path
+        raise DatasetError(path, f"cannot open this video ({reason}); it may be corrupt or not a video file") from exc
 
 
 def probe_video(path: str | Path) -> VideoInfo:
