@@ -402,3 +402,15 @@ def test_wan_bad_folders_name_the_folder_and_the_problem(tmp_path, tiny_wan21_pa
     no_vae = copy_model(tiny_wan21_path, tmp_path / "no_vae")
     shutil.rmtree(no_vae / "vae")
     assert "vae/" in _folder_error(Wan21, no_vae)
+
+
+@pytest.mark.parametrize("family_cls,fixture,frames", [(SD15, "tiny_sd15_path", 1), (Wan21, "tiny_wan21_path", 5)])
+def test_bf16_weights_keep_a_float32_vae_and_float32_outputs(family_cls, fixture, frames, request):
+    family = family_cls.load(str(request.getfixturevalue(fixture)), torch.bfloat16)
+    assert family.denoiser.dtype == torch.bfloat16 and family.loaded.text_encoders[0].dtype == torch.bfloat16
+    assert family.loaded.vae.dtype == torch.float32
+    latents = family.encode_pixels(torch.rand(1, 3, frames, 32, 32) * 2 - 1)
+    assert latents.dtype == torch.float32
+    noisy = family.add_noise(latents, torch.randn_like(latents), torch.tensor([0.5]))
+    out = family.predict(noisy, stack(family.encode_prompts(["a"])))
+    assert out.dtype == torch.float32 and out.shape == latents.shape and torch.isfinite(out).all()

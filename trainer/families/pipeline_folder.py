@@ -41,11 +41,17 @@ def read_model_index(path: str) -> dict[str, Any]:
     from diffusers import DiffusionPipeline
 
     check_location(path)
+    hub = is_hub_id(path)
     try:
-        return dict(DiffusionPipeline.load_config(str(Path(path).expanduser()) if not is_hub_id(path) else path))
+        return dict(DiffusionPipeline.load_config(path if hub else str(Path(path).expanduser())))
     except Exception as e:  # diffusers raises EnvironmentError / OSError / ValueError variants
+        if hub:
+            raise ModelError(
+                f"{path}: not a local folder, and model_index.json could not be fetched from the Hugging Face hub "
+                f"({_first_line(e)}); check the id and the network, or give a local diffusers folder"
+            ) from e
         raise ModelError(
-            f"{path}: cannot read model_index.json ({_first_line(e)}); give a diffusers pipeline folder or hub id"
+            f"{path}: cannot read model_index.json ({_first_line(e)}); give a diffusers pipeline folder"
         ) from e
 
 

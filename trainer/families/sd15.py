@@ -78,8 +78,9 @@ class SD15(ModelFamily):
         from transformers import AutoTokenizer, CLIPTextModel
 
         scheduler_config = cls.check_folder(path)
-        # SD's VAE overflows in fp16 (NaN latents); it runs once per item before caching, so fp32 costs little.
-        vae_dtype = torch.float32 if dtype == torch.float16 else dtype
+        # The VAE runs in float32: SD's VAE overflows in fp16 (NaN latents), and it runs once per item before
+        # the latents are cached, so full precision costs little.
+        vae_dtype = torch.float32
         try:
             unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=dtype)
             vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=vae_dtype)
