@@ -38,7 +38,9 @@ def make_images(folder: Path, size: int = 64) -> int:
 
 def demo_job(out: Path, model_path: Path, data: Path, steps: int) -> dict:
     phase_len = max(100, steps // 3)
-    loose = {"loss_improvement_rate_below": 0.002, "min_gradient_stability": 0.3}
+    # The video preset's plateau threshold; stability 0.45 because a 64k-parameter LoRA on 8 images hovers
+    # around 0.5 sign agreement (noise) -- a real run keeps the preset's 0.50-0.55.
+    loose = {"loss_improvement_rate_below": 0.005, "min_gradient_stability": 0.45}
     return {
         "job": "demo",
         "output_dir": str(out),
@@ -50,8 +52,8 @@ def demo_job(out: Path, model_path: Path, data: Path, steps: int) -> dict:
             "alpha_schedule": {
                 "enabled": True,
                 "conv_alpha_phases": {
-                    "foundation": {"alpha": 8, "min_steps": phase_len - 10, "exit_criteria": loose},
-                    "balance": {"alpha": 14, "min_steps": phase_len - 10, "exit_criteria": loose},
+                    "foundation": {"alpha": 8, "min_steps": phase_len - 20, "exit_criteria": loose},
+                    "balance": {"alpha": 14, "min_steps": phase_len - 20, "exit_criteria": loose},
                     "emphasis": {"alpha": 20, "min_steps": phase_len - 10},
                 },
             },
@@ -68,6 +70,10 @@ def run_demo(out: Path | None = None, steps: int = 300) -> dict:
     from .plot import save_png
     from .tiny import build_tiny_sd15
 
+    import torch
+
+    # A tiny model's ops are too small to split across threads: one thread is several times faster on CPU.
+    torch.set_num_threads(1)
     out = Path(out) if out else Path(tempfile.mkdtemp(prefix="phase_trainer_demo_"))
     t0 = time.perf_counter()
     model = build_tiny_sd15(out / "tiny_sd15")
