@@ -424,17 +424,19 @@ def validate_name(name: Any, field_name: str = "job") -> str:
     return name
 
 
-def parse_job(data: Any, base_dir: str | Path | None = None) -> Job:
-    """Validate a job mapping completely and return a Job. Relative paths are resolved against base_dir."""
+def parse_job(data: Any, base_dir: str | Path | None = None, *, require_datasets: bool = True) -> Job:
+    """Validate a job mapping completely and return a Job. Relative paths are resolved against base_dir.
+
+    require_datasets=False lets a caller that brings in-memory items (the ComfyUI nodes) give no folders."""
     from .families import get_family
 
     d = _keys(data, "", ("job", "output_dir", "model", "datasets", "network", "train", "save"),
-              required=("job", "model", "datasets"))
+              required=("job", "model", "datasets") if require_datasets else ("job", "model"))
     name = validate_name(d["job"])
     model = _model(d["model"])
     family_cls = get_family(model.family)
-    raw_ds = d["datasets"]
-    if not isinstance(raw_ds, list) or not raw_ds:
+    raw_ds = d.get("datasets", [])
+    if not isinstance(raw_ds, list) or (require_datasets and not raw_ds):
         raise JobError("datasets", "must be a non-empty list of datasets ({folder_path: ..., ...})")
     datasets = [_dataset(x, f"datasets[{i}]", family_cls) for i, x in enumerate(raw_ds)]
     network = _network(d.get("network", {}), family_cls)

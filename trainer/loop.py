@@ -139,10 +139,11 @@ def _finite(x) -> bool:
     return x is not None and math.isfinite(x)
 
 
-def train(job: Job, callbacks: Callbacks | None = None, *, family=None, training_set=None,
+def train(job: Job, callbacks: Callbacks | None = None, *, family=None, training_set=None, extra_items=None,
           lora_path: Path | None = None, accelerator: Accelerator | None = None) -> TrainResult:
     """Run a job. `family` (a loaded ModelFamily) and `training_set` (a built TrainingSet) may be given by a
-    caller that already has them (the ComfyUI nodes); otherwise they are loaded from the job."""
+    caller that already has them; `extra_items` (MediaItems, e.g. from ComfyUI IMAGE batches) are trained
+    beside the job's dataset folders. `lora_path` overrides where the final LoRA goes."""
     cb = callbacks or Callbacks()
     t, s = job.train, job.save
     lora_path = Path(lora_path) if lora_path else job.lora_path
@@ -159,7 +160,11 @@ def train(job: Job, callbacks: Callbacks | None = None, *, family=None, training
         ckpt.check_compatible(resume_state, resume_from, job_name=job.job, signature=job.network_signature())
     from .data.training_set import TrainingSet, scan_datasets
 
-    items = None if training_set is not None else scan_datasets(job.datasets, family_cls, log=cb.log)
+    items = None
+    if training_set is None:
+        items = scan_datasets(job.datasets, family_cls, log=cb.log) + list(extra_items or [])
+        if not items:
+            raise TrainerError("datasets: nothing to train on; give a dataset folder or images")
 
     # ---- model, then data encoded once and cached, then the encoders go ----
     set_seed(t.seed)
