@@ -84,8 +84,11 @@ def textured_frames(count: int, width: int, height: int, seed: int = 0) -> Itera
 
 
 def write_video(path, frames: Iterable[np.ndarray] | None = None, *, num_frames: int = 16, width: int = 64,
-                height: int = 48, fps: int = 24, gop: int = 8, codec: str | None = None, crf: int = 18) -> Path:
+                height: int = 48, fps: int = 24, gop: int = 8, codec: str | None = None, crf: int = 18,
+                rotation: int = 0) -> Path:
     """Encode a real video (container from the suffix) with a keyframe exactly every `gop` frames.
+
+    `rotation`: counter-clockwise display rotation written as a display matrix (as phones do).
 
     `frames` (uint8 [H, W, 3] each) default to `index_frame(i)` for i < num_frames.
     """
@@ -99,6 +102,8 @@ def write_video(path, frames: Iterable[np.ndarray] | None = None, *, num_frames:
         stream = container.add_stream(codec, rate=fps)
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
         stream.codec_context.gop_size = gop
+        if rotation:
+            stream.set_display_rotation(rotation)
         if codec == "libx264":
             # Fixed GOPs: no scene-cut keyframes (every index frame looks like a scene cut).
             stream.options = {"x264-params": f"keyint={gop}:min-keyint={gop}:scenecut=0", "crf": str(crf),

@@ -141,3 +141,18 @@ def test_frame_content_matches_the_source_pixels(tmp_path):
     path = write_video(tmp_path / "px.mkv", num_frames=9, width=32, height=32, gop=4, crf=0)
     (index, rgb), = list(read_frames(path, [6], "seek"))
     assert index == 6 and np.abs(rgb.astype(int) - index_frame(6, 32, 32)).mean() < 2
+
+
+@pytest.mark.parametrize("suffix", [".mp4", ".mov"])
+def test_display_rotation_is_applied(tmp_path, suffix):
+    # A phone-style portrait clip: stored 64x48 landscape, display matrix says turn 90 degrees clockwise.
+    path = write_video(tmp_path / f"phone{suffix}", num_frames=9, width=64, height=48, gop=4, rotation=-90)
+    info = probe_video(path)
+    assert info.rotation == 270 and (info.width, info.height) == (48, 64)
+    for strategy in ("decode", "seek"):
+        frames = list(read_frames(path, [0, 4, 8], strategy, info))
+        for index, rgb in frames:
+            assert rgb.shape == (64, 48, 3)
+            expected = np.rot90(index_frame(index, 64, 48), -1)     # the stored frame turned clockwise
+            assert np.abs(rgb.astype(int) - expected).mean() < 3
+            assert frame_index_of(np.rot90(rgb, 1)) == index

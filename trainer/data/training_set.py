@@ -179,10 +179,11 @@ class TrainingSet:
 
     def collate(self, indices: list[int], generator: torch.Generator | None) -> dict:
         """``{"latents": [B, ...], "cond": {key: [B, ...]}, "captions": [...]}`` with caption dropout drawn
-        from `generator` (one draw per sample)."""
+        from `generator` (one draw per sample). ``generator=None`` means no dropout (evaluation)."""
         samples = [self.samples[i] for i in indices]
-        captions = apply_dropout([s.item.caption for s in samples], [s.item.caption_dropout_rate for s in samples],
-                                 generator)
+        captions = [s.item.caption for s in samples]
+        if generator is not None:
+            captions = apply_dropout(captions, [s.item.caption_dropout_rate for s in samples], generator)
         latents = torch.stack([s.latent for s in samples])
         keys = self.conds[captions[0]].keys()
         cond = {key: torch.stack([self.conds[c][key] for c in captions]) for key in keys}

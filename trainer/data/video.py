@@ -46,6 +46,9 @@ class VideoInfo:
     # container gives no timestamps (then only the sequential strategy can be used).
     frame_pts: tuple[int, ...] | None
     keyframe_pts: tuple[int, ...]
+    # Counter-clockwise degrees the frames must be turned for display (phone videos carry a display matrix);
+    # width and height above are the displayed ones.
+    rotation: int = 0
 
     @property
     def keyframe_count(self) -> int:
@@ -99,10 +102,13 @@ def probe_video(path: str | Path) -> VideoInfo:
         if count == 0 or first is None:
             raise DatasetError(path, "the video has no decodable frames")
         width, height = first.width, first.height
+        rotation = _quarter_turns(getattr(first, "rotation", 0)) * 90
+        if rotation in (90, 270):
+            width, height = height, width
     finally:
         container.close()
     frame_pts = tuple(sorted(pts_values)) if has_pts and len(set(pts_values)) == count else None
-    return VideoInfo(width, height, count, frame_pts, tuple(sorted(keyframes)))
+    return VideoInfo(width, height, count, frame_pts, tuple(sorted(keyframes)), rotation)
 
 
 def sample_indices(frame_count: int, num_frames: int) -> list[int]:
@@ -129,11 +135,18 @@ def choose_strategy(info: VideoInfo, indices: list[int], strategy: str = "auto")
     return "seek" if average_gap >= SEEK_GAP_RATIO * info.keyframe_interval else "decode"
 
 
-def _to_rgb(frame) -> np.ndarray:
-    return frame.to_ndarray(format="rgb24")
+def _quarter_turns(degrees) -> int:
+    """Counter-clockwise quarter turns (0..3) nearest to `degrees`."""
+    return int(round((degrees or 0) / 90)) % 4
 
 
-def _decode_pass(path: Path, indices: list[int], stats: dict) -> Iterator[tuple[int, np.ndarray]]:
+def _to_rgb(frame, rotation: int = 0) -> np.ndarray:
+    rgb = frame.to_ndarray(format="rgb24")
+    turns = _quarter_turns(rotation)
+    return np.ascontiguousarray(np.rot90(rgb, turns)) if turns else rgb
+
+
+def _decode_pass(path: Path, indices: list[int], stats: dict, rotation: int = 0) -> Iterator[tuple[int, np.ndarray]]:
     wanted = sorted(set(indices))
     container = _open(path)
     try:
@@ -143,7 +156,7 @@ def _decode_pass(path: Path, indices: list[int], stats: dict) -> Iterator[tuple[
         for index, frame in enumerate(container.decode(stream)):
             stats["decoded"] += 1
             if index == wanted[position]:
-                yield index, _to_rgb(frame)
+                yield index, _to_rgb(frame, rotation)
                 position += 1
                 if position == len(wanted):
                     return
@@ -188,7 +201,7 @@ def _seek_pass(path: Path, info: VideoInfo, indices: list[int], stats: dict) -> 
             if current_pts != target:
                 # The seek landed after the target (bad index in the file): let the caller fall back.
                 raise _NoTimestamps()
-            yield index, _to_rgb(frame)
+            yield index, _to_rgb(frame, info.rotation)
     except av.FFmpegError as exc:
         raise DatasetError(path, f"decoding failed ({exc}); the file may be corrupt") from exc
     finally:
@@ -206,7 +219,7 @@ def read_frames(
     info: VideoInfo | None = None,
     stats: dict | None = None,
 ) -> Iterator[tuple[int, np.ndarray]]:
-    """Yield ``(index, rgb uint8 [H, W, 3])`` for each distinct index in ascending order.
+    """Yield ``(index, rgb uint8 [H, W, 3])`` for each distinct index in ascending order, turned upright.
 
     `strategy` is 'auto', 'decode' or 'seek'; `info` is `probe_video`'s result (probed when None). `stats`,
     if given, receives the strategy used and counts of decoded frames and seeks.
@@ -219,7 +232,7 @@ def read_frames(
     stats = stats if stats is not None else {}
     stats.update(strategy=chosen, decoded=0, seeks=0)
     if chosen == "decode":
-        yield from _decode_pass(path, indices, stats)
+        yield from _decode_pass(path, indices, stats, info.rotation)
         return
     done: set[int] = set()
     try:
@@ -229,7 +242,7 @@ def read_frames(
     except _NoTimestamps:
         stats["strategy"] = "decode (seek fell back)"
         remaining = [i for i in indices if i not in done]
-        yield from _decode_pass(path, remaining, stats)
+        yield from _decode_pass(path, remaining, stats, info.rotation)
 
 
 def benchmark_sampling(path: str | Path, num_frames: int, repeats: int = 3) -> dict:
