@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -219,3 +220,27 @@ def test_each_resolution_is_its_own_sample(tmp_path):
     assert buckets == [("big.png", 32, (48, 24)), ("big.png", 64, (88, 48)),
                        ("small.png", 32, (32, 32)), ("small.png", 64, (40, 40))]   # never upscaled
     assert len(family.pixel_calls) == 4
+
+
+def test_file_failing_to_decode_at_build_time(tmp_path, monkeypatch):
+    # A file can pass the cheap scan and still fail to decode fully; error names it, or skip drops it.
+    folder = _folder(tmp_path)
+    import trainer.data.training_set as training_set
+    from trainer.errors import DatasetError
+
+    real = training_set.load_pixels
+
+    def failing(item, indices, buckets):
+        if item.path.name == "d.mp4":
+            raise DatasetError(item.path, "decoding failed (simulated)")
+        return real(item, indices, buckets)
+
+    monkeypatch.setattr(training_set, "load_pixels", failing)
+    with pytest.raises(DatasetError) as info:
+        TrainingSet.build([_cfg(folder, resolution=[32], num_frames=5)], FakeVideoFamily(), seed=0, log=quiet)
+    assert info.value.path == str(folder / "d.mp4")
+    lines = []
+    ts = TrainingSet.build([_cfg(folder, resolution=[32], num_frames=5, on_bad_file="skip")], FakeVideoFamily(),
+                           seed=0, log=lines.append)
+    assert sorted(s.item.path.name for s in ts.samples) == ["a.png", "b.jpg", "c.webp"]
+    assert any(line.startswith("warning: skipping") and "d.mp4" in line for line in lines)
