@@ -642,3 +642,30 @@ def test_readme_screenshot(browser, server, tmp_path):
         assert not p.errors, p.errors
     finally:
         p.context.close()
+
+
+def test_narrow_widget_wraps_the_legend_inside_the_canvas(page):
+    page.evaluate("""() => { const c = document.getElementById('plot'); c.style.width = '300px'; c.style.height = '240px';
+                             window.plot = new window.PT.MetricsPlot(c); window.plot.resize(300, 240); }""")
+    ev(page, "(p) => window.plot.setPayload(p)", synthetic_payload())
+    page.evaluate(NEXT_FRAME)
+    layout = page.evaluate("() => window.plot.layout")
+    assert {b["key"] for b in layout["legend"]} == {"loss_slope", "loss_r2", "loss_cv", "gradient_stability"}
+    assert all(0 <= b["x"] and b["x"] + b["w"] <= 300 for b in layout["legend"]), layout["legend"]
+    assert max(b["y"] + b["h"] for b in layout["legend"]) < layout["plot"]["y"]  # rows end above the plot
+    assert layout["plot"]["x"] + layout["plot"]["w"] <= 300
+
+
+def test_zoomed_widget_draws_at_the_zoomed_resolution_and_maps_the_mouse(page):
+    """Inside ComfyUI the widget sits under the graph's CSS zoom: stay sharp and hover the right step."""
+    page.evaluate("""() => { const c = document.getElementById('plot');
+                             c.style.transformOrigin = '0 0'; c.style.transform = 'scale(2)';
+                             window.plot = new window.PT.MetricsPlot(c); window.plot.resize(640, 320); }""")
+    ev(page, "(p) => window.plot.setPayload(p)", synthetic_payload())
+    page.evaluate(NEXT_FRAME)
+    assert page.evaluate("() => [plot.canvas.width, plot.canvas.height, plot.layout.dpr]") == [1280, 640, 2]
+    box = page.locator("#plot").bounding_box()  # the transformed (on-screen) box
+    x = page.evaluate("() => window.plot.layout.xOf(200)")
+    page.mouse.move(box["x"] + 2 * x + 0.8, box["y"] + 2 * 150)
+    page.evaluate(NEXT_FRAME)
+    assert page.evaluate("() => window.plot.layout.hoverStep") == 200

@@ -22,6 +22,8 @@ PACK = "phase-trainer"  # any custom_nodes folder name: ComfyUI serves WEB_DIREC
 
 
 def _static_root() -> Path:
+    if os.environ.get("PT_FRONTEND_STATIC"):
+        return Path(os.environ["PT_FRONTEND_STATIC"])
     try:
         import comfyui_frontend_package
     except ImportError:
@@ -93,20 +95,25 @@ def test_web_directory_matches_the_import_depth():
     assert Path(match.group(1)).as_posix().strip("./") == "web", match.group(1)
 
 
-# What the extension calls or relies on, and how the frontend bundle shows that it exists.
+# What the extension calls or relies on, and how the frontend bundle shows that it exists. The patterns hold
+# for frontend 1.35.9 (shipped with ComfyUI v0.8.0) and 1.58.1 (latest on PyPI, 2026-11), two different
+# minifiers; set PT_FRONTEND_STATIC to check another copy.
 FRONTEND_API = {
     "node.addDOMWidget(name, type, element, options)": r"\.prototype\.addDOMWidget=function\(\w+,\w+,\w+,\w+=\{\}\)",
     "DOM widget options.getMinHeight drives its layout": r"this\.options\.getMinHeight\?\.\(\)",
-    "widgets with serialize=false stay out of widgets_values": r"if\(\w+\.serialize===!1\)continue",
+    "widgets with serialize=false stay out of widgets_values": r"serialize===!1\)continue",
     "app.registerExtension": r"registerExtension\(\w+\)\{",
-    "the setup hook": r"invokeExtensionsAsync\(`setup`\)",
-    "the beforeRegisterNodeDef hook": r"invokeExtensionsAsync\(`beforeRegisterNodeDef`,",
+    "the setup hook": r"invokeExtensionsAsync\([`\"]setup[`\"]\)",
+    "the beforeRegisterNodeDef hook": r"invokeExtensionsAsync\([`\"]beforeRegisterNodeDef[`\"],",
     "node.onExecuted(output) on the executed message": r"\.onExecuted\(\w+\.output\)",
-    "node.onConfigure after properties are restored": r"this\.properties\[\w+\]=\w+\.properties\[\w+\].{0,4000}this\.onConfigure\?\.\(",
+    "node.onConfigure after properties are restored":
+        r"this\.properties\[\w+\]=\w+\.properties\[\w+\].{0,4000}this\.onConfigure\?\.\(",
     "node.onRemoved when a node leaves the graph": r"\.onRemoved\?\.\(\)",
-    "api is an EventTarget": r"ComfyApi=class extends EventTarget",
-    "api.addEventListener registers a custom message type": r"addEventListener\(\w+,\w+,\w+\)\{super\.addEventListener\(.{0,60}?\),this\._registered\.add\(\w+\)",
-    "custom messages arrive as CustomEvent(type, {detail: data})": r"_registered\.has\(\w+\.type\)\?super\.dispatchEvent\(new CustomEvent\(\w+\.type,\{detail:\w+\.data\}\)\)",
+    "api is an EventTarget": r"class ComfyApi extends EventTarget|ComfyApi=class extends EventTarget",
+    "api.addEventListener registers a custom message type":
+        r"addEventListener\((\w+),\w+,\w+\)\{super\.addEventListener\(.{0,60}?\),this\.(?:#\w+|_registered)\.add\(\1\)",
+    "custom messages arrive as CustomEvent(type, {detail: data})":
+        r"\.has\((\w+)\.type\)\)?\??\s*super\.dispatchEvent\(new CustomEvent\(\1\.type,\{detail:\1\.data\}\)\)",
 }
 
 

@@ -455,20 +455,48 @@ function renderEmpty(ctx, theme, cssWidth, cssHeight, text) {
   ctx.fillText(text, cssWidth / 2, cssHeight / 2);
 }
 
-function renderLegend(ctx, theme, d, state, plot, data) {
-  const boxes = [];
+// Legend and toggles, wrapped onto as many rows as the width needs. Returns the items with their positions.
+const LEGEND_ROW_H = 18;
+
+function layoutLegend(ctx, theme, d, state, data, left, right) {
+  ctx.font = theme.font;
+  const items = [];
+  const add = (label, color, key, on, dashed = false) => {
+    items.push({ label, color, key, on, dashed, w: 14 + ctx.measureText(label).width + 10 });
+  };
+  for (const s of d.series) add(s.label, theme.loss[s.slot % theme.loss.length], null, true);
+  d.alphaCols.forEach((a, k) => add(a.label, theme.alpha, null, true, k > 0));
+  const val = data.column("val_loss");
+  if (val && d.allIdx.some((i) => val[i] !== null)) add("val", theme.val, null, true);
+  for (const stat of STAT_SERIES) {
+    if (data.column(stat.key)) add(stat.label, theme.stats[stat.key], stat.key, !!state.toggles[stat.key]);
+  }
+  let x = left;
+  let row = 0;
+  for (const it of items) {
+    if (x > left && x + it.w - 4 > right) {
+      row++;
+      x = left;
+    }
+    it.x = x;
+    it.y = 10 + row * LEGEND_ROW_H;
+    x += it.w;
+  }
+  return { items, rows: row + 1, endX: x };
+}
+
+function drawLegend(ctx, theme, legend, data, right) {
   ctx.font = theme.font;
   ctx.textBaseline = "middle";
   ctx.textAlign = "left";
-  const y = 10;
-  let x = plot.x;
-  const item = (label, color, key, on, dashed = false) => {
-    const w = 14 + ctx.measureText(label).width + 10;
+  const boxes = [];
+  for (const { label, color, key, on, dashed, w, x, y } of legend.items) {
     if (key) {
       ctx.strokeStyle = on ? color : theme.frame;
       ctx.lineWidth = 1;
       ctx.strokeRect(x + 0.5, y - 7.5, w - 4, 15);
       if (on) withAlpha(ctx, 0.18, () => { ctx.fillStyle = color; ctx.fillRect(x, y - 7, w - 4, 14); });
+      boxes.push({ key, x, y: y - 7, w: w - 4, h: 14, on });
     }
     ctx.strokeStyle = color;
     ctx.lineWidth = 2;
@@ -480,22 +508,12 @@ function renderLegend(ctx, theme, d, state, plot, data) {
     ctx.setLineDash([]);
     ctx.fillStyle = key && !on ? theme.mutedText : theme.text;
     ctx.fillText(label, x + 14, y);
-    if (key) boxes.push({ key, x, y: y - 7, w: w - 4, h: 14, on });
-    x += w;
-  };
-  for (const s of d.series) item(s.label, theme.loss[s.slot % theme.loss.length], null, true);
-  d.alphaCols.forEach((a, k) => item(a.label, theme.alpha, null, true, k > 0));
-  const val = data.column("val_loss");
-  if (val && d.allIdx.some((i) => val[i] !== null)) item("val", theme.val, null, true);
-  for (const stat of STAT_SERIES) {
-    if (!data.column(stat.key)) continue;
-    item(stat.label, theme.stats[stat.key], stat.key, !!state.toggles[stat.key]);
   }
   if (data.job) {
+    const last = legend.items[legend.items.length - 1];
     ctx.fillStyle = theme.mutedText;
     ctx.textAlign = "right";
-    const right = plot.x + plot.w;
-    if (ctx.measureText(data.job).width < right - x - 8) ctx.fillText(data.job, right, y);
+    if (ctx.measureText(data.job).width < right - legend.endX - 8) ctx.fillText(data.job, right, last ? last.y : 10);
   }
   return boxes;
 }
@@ -614,8 +632,10 @@ export function renderMetrics(canvas, data, opts = {}) {
   }
 
   const narrow = cssWidth < 260;
-  const plot = { x: narrow ? 34 : 48, y: 22, w: 0, h: 0 };
+  const plot = { x: narrow ? 34 : 48, y: 0, w: 0, h: 0 };
   const right = d.alphaCols.length ? (narrow ? 24 : 34) : 10;
+  const legend = layoutLegend(ctx, theme, d, state, data, plot.x, cssWidth - 6);
+  plot.y = 4 + legend.rows * LEGEND_ROW_H;
   plot.w = Math.max(10, cssWidth - plot.x - right);
   plot.h = Math.max(10, cssHeight - plot.y - 20);
   const [xMin, xMax] = [d.xMin, d.xMax];
@@ -793,7 +813,7 @@ export function renderMetrics(canvas, data, opts = {}) {
     }
   }
 
-  layout.legend = renderLegend(ctx, theme, d, state, plot, data);
+  layout.legend = drawLegend(ctx, theme, legend, data, plot.x + plot.w);
 
   // Hover: crosshair at the nearest step and a tooltip with every value there.
   if (state.hoverX !== null && state.hoverX >= plot.x && state.hoverX <= plot.x + plot.w) {
@@ -966,12 +986,22 @@ export class MetricsPlot {
     }
     this.layout = renderMetrics(this.canvas, this.data, {
       ...this.opts,
+      pixelRatio: this.opts.pixelRatio || this._pixelRatio(width),
       width,
       height,
       derived: this._derived,
       state: { toggles: this.toggles, hoverX: this.hoverX, hoverY: this.hoverY },
     });
     return this.layout;
+  }
+
+  // Device pixels per CSS pixel, times the zoom of any CSS transform around us (the graph canvas zoom), in
+  // quarter steps so a small zoom change does not reallocate the canvas; stays sharp when zoomed in.
+  _pixelRatio(width) {
+    const dpr = (typeof window !== "undefined" && window.devicePixelRatio) || 1;
+    const rect = this.canvas.getBoundingClientRect();
+    const zoom = rect.width > 0 ? rect.width / width : 1;
+    return dpr * Math.min(3, Math.max(1, Math.round(zoom * 4) / 4));
   }
 
   /** Lines of the tooltip currently shown ([] when not hovering). */
