@@ -414,3 +414,14 @@ def test_bf16_weights_keep_a_float32_vae_and_float32_outputs(family_cls, fixture
     noisy = family.add_noise(latents, torch.randn_like(latents), torch.tensor([0.5]))
     out = family.predict(noisy, stack(family.encode_prompts(["a"])))
     assert out.dtype == torch.float32 and out.shape == latents.shape and torch.isfinite(out).all()
+
+
+def test_cache_identity_tracks_vae_weights(tiny_sd15_path):
+    from trainer.families.sd15 import SD15
+
+    fam = SD15.load(str(tiny_sd15_path), dtype=torch.float32)
+    a = fam.cache_identity()
+    assert a == SD15.load(str(tiny_sd15_path), dtype=torch.float32).cache_identity()
+    with torch.no_grad():
+        next(fam.loaded.vae.parameters()).add_(0.5)  # a fine-tuned VAE with the same config
+    assert fam.cache_identity() != a

@@ -12,6 +12,8 @@ Shapes used throughout:
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -87,6 +89,20 @@ class ModelFamily:
     def encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
         """pixels [B, 3, F, H, W] in [-1, 1] -> latents [B, ...] already scaled/normalized for the denoiser."""
         raise NotImplementedError
+
+    def cache_identity(self) -> str:
+        """What makes this family's latents what they are, for the disk latent cache key: the VAE's config,
+        a fingerprint of its weights (a fine-tuned VAE with the same config must not reuse stale latents),
+        and the family's own normalisation (in `extra`)."""
+        vae = self.loaded.vae if self.loaded is not None else None
+        if vae is None:
+            return self.name
+        with torch.no_grad():
+            fingerprint = [round(float(p.double().sum()), 6) for p in list(vae.parameters())[:: max(1, len(list(vae.parameters())) // 8)]]
+        blob = json.dumps([self.name, dict(getattr(vae, "config", {})), fingerprint,
+                           {k: v for k, v in self.loaded.extra.items() if isinstance(v, (int, float, str, bool))}],
+                          sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     def release_encoders(self) -> None:
         """Drop the text encoders and the VAE once everything is cached."""
