@@ -1,0 +1,58 @@
+"""Load Training Model: which diffusers pipeline to train, checked now, loaded by the Train node each run."""
+
+from __future__ import annotations
+
+import folder_paths
+from comfy_api.latest import io
+
+from trainer.comfy_bridge import TYPED_PATH, diffusers_folders, resolve_model_path
+from trainer.errors import ModelError
+from trainer.families import FAMILIES, get_family
+from trainer.job import DTYPES
+
+from .common import CATEGORY, PREFIX, PTModel
+
+
+def _diffusers_roots() -> list[str]:
+    return list(folder_paths.get_folder_paths("diffusers"))
+
+
+class LoadTrainingModel(io.ComfyNode):
+    """Outputs a light spec (family, path, dtype), not loaded weights: the Train node loads the model each run
+    and drops its text encoders and VAE once the dataset is encoded, which a cached, shared model object
+    could not survive on the next run."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        folders = diffusers_folders(_diffusers_roots())
+        return io.Schema(
+            node_id=f"{PREFIX}LoadModel",
+            display_name="Load Training Model",
+            category=CATEGORY,
+            description="The base model to train a LoRA for: a diffusers pipeline folder from models/diffusers, "
+                        "or a typed folder path or Hugging Face hub id. Its configs are checked here; the Train "
+                        "node loads the weights.",
+            inputs=[
+                io.Combo.Input("family", options=sorted(FAMILIES), default="sd15",
+                               tooltip="sd15: Stable Diffusion 1.5 images; wan21: Wan 2.1 text-to-video (1.3B/14B)"),
+                io.Combo.Input("diffusers_folder", options=folders + [TYPED_PATH],
+                               default=folders[0] if folders else TYPED_PATH,
+                               tooltip="A pipeline folder (with model_index.json) below ComfyUI's models/diffusers"),
+                io.String.Input("path", default="", optional=True,
+                                tooltip="Optional: a folder path or hub id (org/name); when set it is used instead "
+                                        "of the folder picked above"),
+                io.Combo.Input("dtype", options=list(DTYPES), default="bf16",
+                               tooltip="Weight dtype of the frozen base model (the LoRA trains in fp32)"),
+            ],
+            outputs=[PTModel.Output(display_name="model")],
+        )
+
+    @classmethod
+    def execute(cls, family: str, diffusers_folder: str, dtype: str, path: str = "") -> io.NodeOutput:
+        location = resolve_model_path(diffusers_folder, path, _diffusers_roots())
+        family_cls = get_family(family)
+        check = getattr(family_cls, "check_folder", None)
+        if check is None:
+            raise ModelError(f"the {family} family cannot check a folder before loading it")
+        check(location)  # ModelError naming the folder and what is wrong, in a second
+        return io.NodeOutput({"family": family, "path": location, "dtype": dtype})

@@ -1,0 +1,174 @@
+"""Train: runs the job the graph describes, with ComfyUI's progress bar, Cancel and a live plot in the node."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import comfy.model_management as mm
+import comfy.utils
+import folder_paths
+from comfy_api.latest import io
+from server import PromptServer
+
+from trainer.comfy_bridge import OUTPUT_SUBDIR, build_job_mapping, check_name, next_free_path, train_from_nodes
+from trainer.errors import InterruptedTraining
+from trainer.job import LR_SCHEDULERS, MIXED_PRECISION, OPTIMIZERS
+
+from .common import (
+    CATEGORY,
+    PREFIX,
+    LoraModel,
+    LossMap,
+    PTDataset,
+    PTMetrics,
+    PTModel,
+    PTNetwork,
+    PTSchedule,
+    log_line,
+)
+
+LIVE_EVENT = "phase_trainer.metrics"  # web/phase_trainer.js listens for it
+UI_KEY = "phase_trainer_metrics"  # the node's ui output the widget restores from
+
+
+def training_inputs() -> list:
+    """The inputs Train and Export Job share (so the two can never disagree about a setting)."""
+    adv = {"advanced": True}
+    return [
+        PTModel.Input("model"),
+        PTDataset.Input("dataset"),
+        PTNetwork.Input("network"),
+        PTSchedule.Input("schedule", optional=True, tooltip="None: the network's alphas stay fixed"),
+        io.String.Input("job_name", default="my_lora",
+                        tooltip="Names the LoRA file and output/phase_trainer/<job_name>/ (metrics log, "
+                                "checkpoints). Letters, digits, _ - . only."),
+        io.Int.Input("steps", default=2000, min=1, max=10_000_000, tooltip="Optimizer steps"),
+        io.Float.Input("learning_rate", default=1e-4, min=1e-8, max=1.0, step=1e-6, round=False),
+        io.Combo.Input("optimizer", options=list(OPTIMIZERS), default="adamw",
+                       tooltip="adamw8bit needs bitsandbytes and a CUDA GPU"),
+        io.Combo.Input("lr_scheduler", options=list(LR_SCHEDULERS), default="constant"),
+        io.Int.Input("warmup_steps", default=0, min=0, max=10_000_000),
+        io.Int.Input("batch_size", default=1, min=1, max=1024),
+        io.Int.Input("gradient_accumulation", default=1, min=1, max=1024),
+        io.Int.Input("seed", default=42, min=0, max=2**31 - 1, control_after_generate=False,
+                     tooltip="LoRA initialization, noise and data order"),
+        io.Int.Input("save_every", default=500, min=1, max=10_000_000,
+                     tooltip="Checkpoint every N steps (also on Cancel and at the end)"),
+        io.Boolean.Input("resume", default=False,
+                         tooltip="Continue this job from its last checkpoint (after a Cancel). Off: start fresh; "
+                                 "an earlier run's checkpoints are moved aside, not deleted."),
+        io.Int.Input("keep_last", default=3, min=1, max=1000, optional=True, extra_dict=adv,
+                     tooltip="Checkpoints kept"),
+        io.Combo.Input("mixed_precision", options=list(MIXED_PRECISION), default="auto", optional=True,
+                       extra_dict=adv, tooltip="auto: bf16 on GPUs that support it, else none"),
+        io.Boolean.Input("gradient_checkpointing", default=False, optional=True, extra_dict=adv,
+                         tooltip="Less memory, slower steps"),
+        io.Float.Input("max_grad_norm", default=1.0, min=0.0, max=1000.0, step=0.1, optional=True,
+                       extra_dict=adv, tooltip="Gradient clipping (0: off)"),
+    ]
+
+
+def job_mapping(*, model, dataset, network, schedule, job_name, steps, learning_rate, optimizer, lr_scheduler,
+                warmup_steps, batch_size, gradient_accumulation, seed, save_every, resume, keep_last=3,
+                mixed_precision="auto", gradient_checkpointing=False, max_grad_norm=1.0) -> dict:
+    """The job mapping for the shared inputs; metrics and checkpoints go to output/phase_trainer/<job>/."""
+    name = check_name(job_name, "job_name")
+    output_dir = Path(folder_paths.get_output_directory()) / OUTPUT_SUBDIR / name
+    train = {"steps": steps, "batch_size": batch_size, "gradient_accumulation": gradient_accumulation,
+             "lr": learning_rate, "optimizer": optimizer, "lr_scheduler": lr_scheduler,
+             "warmup_steps": warmup_steps, "seed": seed, "mixed_precision": mixed_precision,
+             "gradient_checkpointing": gradient_checkpointing, "max_grad_norm": max_grad_norm}
+    return build_job_mapping(job_name=name, model=model, dataset=dataset, network=network, schedule=schedule,
+                             train=train, output_dir=output_dir, resume=resume, save_every=save_every,
+                             keep_last=keep_last)
+
+
+def _accelerator_for_comfyui(mixed_precision: str):
+    """Train where ComfyUI computes: with --cpu (or no GPU) on the CPU, else let accelerate pick the GPU."""
+    if mm.get_torch_device().type != "cpu":
+        return None
+    from accelerate import Accelerator
+
+    return Accelerator(cpu=True, mixed_precision="no" if mixed_precision == "auto" else mixed_precision)
+
+
+class Train(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id=f"{PREFIX}Train",
+            display_name="Train LoRA (Phase Trainer)",
+            category=CATEGORY,
+            description="Trains a LoRA with the graph's model, dataset, network and alpha schedule, plotting "
+                        "loss, alpha and the phase statistics live in the node. The LoRA goes into "
+                        "models/loras (<job_name>_00001.safetensors, never overwritten); the metrics log and "
+                        "checkpoints into output/phase_trainer/<job_name>/. Cancel saves a checkpoint and the "
+                        "partial LoRA; queue again with resume on to continue.",
+            inputs=training_inputs(),
+            outputs=[
+                LoraModel.Output(display_name="lora", tooltip="For the stock Load LoRA Model / Save LoRA nodes"),
+                PTMetrics.Output(display_name="metrics", tooltip="For Plot Metrics"),
+                LossMap.Output(display_name="loss_map", tooltip="For the stock Plot Loss Graph node"),
+                io.String.Output(display_name="lora_path", tooltip="The saved .safetensors file"),
+            ],
+            hidden=[io.Hidden.unique_id],
+            is_output_node=True,
+            not_idempotent=True,
+        )
+
+    @classmethod
+    def fingerprint_inputs(cls, **kwargs):
+        return math.nan  # never equal to itself: queuing again trains again
+
+    @classmethod
+    def execute(cls, model, dataset, network, job_name, steps, learning_rate, optimizer, lr_scheduler,
+                warmup_steps, batch_size, gradient_accumulation, seed, save_every, resume, schedule=None,
+                keep_last=3, mixed_precision="auto", gradient_checkpointing=False,
+                max_grad_norm=1.0) -> io.NodeOutput:
+        mapping = job_mapping(model=model, dataset=dataset, network=network, schedule=schedule, job_name=job_name,
+                              steps=steps, learning_rate=learning_rate, optimizer=optimizer,
+                              lr_scheduler=lr_scheduler, warmup_steps=warmup_steps, batch_size=batch_size,
+                              gradient_accumulation=gradient_accumulation, seed=seed, save_every=save_every,
+                              resume=resume, keep_last=keep_last, mixed_precision=mixed_precision,
+                              gradient_checkpointing=gradient_checkpointing, max_grad_norm=max_grad_norm)
+        node_id = str(cls.hidden.unique_id)
+        lora_path = next_free_path(folder_paths.get_folder_paths("loras")[0], mapping["job"])
+        server = PromptServer.instance
+        bar = comfy.utils.ProgressBar(steps, node_id=node_id)
+
+        def send(message: dict) -> None:
+            server.send_sync(LIVE_EVENT, message, server.client_id)
+
+        def progress(step: int, total: int) -> None:
+            # ComfyUI's progress hook raises on Cancel; the loop must see Cancel through should_stop instead,
+            # so that it saves a checkpoint first. Put the flag back for the next should_stop.
+            if mm.processing_interrupted():
+                return
+            try:
+                bar.update_absolute(step, total)
+            except mm.InterruptProcessingException:
+                mm.interrupt_current_processing(True)
+
+        if mm.get_torch_device().type != "cpu":
+            mm.unload_all_models()  # training needs the GPU memory that cached ComfyUI models hold
+            mm.soft_empty_cache()
+        log_line(f"training {mapping['job']} ({steps} steps) -> {lora_path}")
+        import torch
+
+        try:
+            with torch.inference_mode(False), torch.enable_grad():
+                run = train_from_nodes(mapping, dataset, lora_path=lora_path, node_id=node_id, send=send,
+                                       progress=progress, interrupted=mm.processing_interrupted, log=log_line,
+                                       accelerator=_accelerator_for_comfyui(mixed_precision))
+        except InterruptedTraining as stop:
+            log_line(f"cancelled at step {stop.step}: checkpoint {stop.checkpoint_path}, partial LoRA "
+                     f"{stop.lora_path}; queue again with resume on to continue")
+            mm.throw_exception_if_processing_interrupted()  # ComfyUI's own interrupt (and it clears the flag)
+            raise mm.InterruptProcessingException()
+        finally:
+            if mm.get_torch_device().type != "cpu":
+                mm.soft_empty_cache()
+        log_line(f"saved {run.lora_path} after {run.step} steps ({run.live_messages} live plot updates)")
+        return io.NodeOutput(run.lora_state, run.metrics, run.loss_map, str(run.lora_path),
+                             ui={UI_KEY: [run.payload]})
