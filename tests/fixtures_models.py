@@ -38,3 +38,28 @@ def tiny_sd15_vpred_path(tmp_path_factory) -> Path:
 def tiny_wan21_path(tmp_path_factory) -> Path:
     """A random Wan 2.1 T2V-shaped WanPipeline folder."""
     return _build_once("tiny_wan21", tmp_path_factory, build_tiny_wan21)
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_path(tmp_path_factory) -> Path:
+    """A random SDXL-shaped StableDiffusionXLPipeline folder (epsilon prediction)."""
+    from trainer.tiny import build_tiny_sdxl
+
+    return _build_once("tiny_sdxl", tmp_path_factory, build_tiny_sdxl)
+
+
+@pytest.fixture(scope="session")
+def tiny_flux_path(tmp_path_factory) -> Path:
+    """A random FLUX.1-dev-shaped FluxPipeline folder (guidance embedding, dynamic shift)."""
+    from trainer.tiny import build_tiny_flux
+
+    return _build_once("tiny_flux", tmp_path_factory, build_tiny_flux)
+
+
+@pytest.fixture(scope="session")
+def tiny_flux_schnell_path(tmp_path_factory) -> Path:
+    """A random FLUX.1-schnell-shaped FluxPipeline folder (no guidance embedding, static shift 1.0)."""
+    from trainer.tiny import build_tiny_flux
+
+    return _build_once("tiny_flux_schnell", tmp_path_factory, build_tiny_flux, variant="schnell")
+

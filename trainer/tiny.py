@@ -211,3 +211,201 @@ def _build_atomically(path: Path, build) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
+
+
+# SDXL's tokenizers: the real 77 tokens (cheap at this width).
+SDXL_TEXT_LENGTH = 77
+# FLUX.1's T5 length: FluxPipeline's default max_sequence_length (dev; schnell's model card uses 256).
+FLUX_T5_LENGTH = 512
+
+
+def build_tiny_sdxl(path, prediction_type: str = "epsilon", seed: int = 0) -> Path:
+    """Write a random SDXL-shaped StableDiffusionXLPipeline folder at `path` (must not exist or be empty).
+
+    The UNet is the configuration of diffusers' own SDXL pipeline tests (text_time additional embedding, two
+    levels, linear projections, 2 transformer layers at the second level). The two CLIP encoders mirror the real
+    pair at width 32: encoder 1 is a CLIPTextModel, encoder 2 a CLIPTextModelWithProjection whose projection
+    gives the pooled embedding; tokenizer 2 pads with "!" as SDXL's second tokenizer does. The VAE keeps SD's 8x
+    downscale with SDXL's scaling factor 0.13025."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    if prediction_type not in ("epsilon", "v_prediction"):
+        raise ValueError(f"prediction_type must be 'epsilon' or 'v_prediction', not {prediction_type!r}")
+
+    def build(root: Path) -> None:
+        tokenizer = _byte_level_tokenizer(
+            specials=["<|startoftext|>", "<|endoftext|>"], bos="<|startoftext|>", eos="<|endoftext|>",
+            pad="<|endoftext|>", max_length=SDXL_TEXT_LENGTH,
+        )
+        tokenizer_2 = _byte_level_tokenizer(
+            specials=["<|startoftext|>", "<|endoftext|>"], bos="<|startoftext|>", eos="<|endoftext|>",
+            pad="!", max_length=SDXL_TEXT_LENGTH,
+        )
+
+        def clip_config(tok, act: str):
+            return CLIPTextConfig(
+                vocab_size=len(tok), hidden_size=32, intermediate_size=37, num_hidden_layers=3,
+                num_attention_heads=4, max_position_embeddings=SDXL_TEXT_LENGTH, projection_dim=32,
+                hidden_act=act, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                pad_token_id=tok.pad_token_id,
+            )
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            # the activations of the real pair: CLIP ViT-L (quick_gelu) and OpenCLIP bigG (gelu)
+            text_encoder = CLIPTextModel(clip_config(tokenizer, "quick_gelu"))
+            text_encoder_2 = CLIPTextModelWithProjection(clip_config(tokenizer_2, "gelu"))
+            addition_time_embed_dim = 8
+            unet = UNet2DConditionModel(
+                sample_size=8,
+                in_channels=4,
+                out_channels=4,
+                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+                block_out_channels=(32, 64),
+                layers_per_block=2,
+                attention_head_dim=(2, 4),
+                use_linear_projection=True,
+                addition_embed_type="text_time",
+                addition_time_embed_dim=addition_time_embed_dim,
+                transformer_layers_per_block=(1, 2),
+                # six size/crop numbers of addition_time_embed_dim each, plus encoder 2's pooled projection
+                projection_class_embeddings_input_dim=6 * addition_time_embed_dim + 32,
+                cross_attention_dim=64,  # the two encoders' hidden states concatenated
+                norm_num_groups=32,
+            )
+            vae = AutoencoderKL(
+                in_channels=3,
+                out_channels=3,
+                down_block_types=("DownEncoderBlock2D",) * 4,
+                up_block_types=("UpDecoderBlock2D",) * 4,
+                block_out_channels=(8, 16, 16, 16),
+                layers_per_block=1,
+                latent_channels=4,
+                norm_num_groups=8,
+                sample_size=64,
+                scaling_factor=0.13025,
+                force_upcast=True,
+            )
+        # What the SDXL base repo ships; training reads its betas and prediction type.
+        scheduler = EulerDiscreteScheduler(
+            num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+            steps_offset=1, timestep_spacing="leading", interpolation_type="linear", use_karras_sigmas=False,
+            prediction_type=prediction_type,
+        )
+        unet.save_pretrained(root / "unet")
+        vae.save_pretrained(root / "vae")
+        text_encoder.save_pretrained(root / "text_encoder")
+        text_encoder_2.save_pretrained(root / "text_encoder_2")
+        _save_tokenizer(tokenizer, root / "tokenizer")
+        _save_tokenizer(tokenizer_2, root / "tokenizer_2")
+        scheduler.save_pretrained(root / "scheduler")
+        _write_json(root / "model_index.json", {
+            "_class_name": "StableDiffusionXLPipeline",
+            "_diffusers_version": _diffusers_version(),
+            "feature_extractor": [None, None],
+            "force_zeros_for_empty_prompt": True,
+            "image_encoder": [None, None],
+            "scheduler": ["diffusers", "EulerDiscreteScheduler"],
+            "text_encoder": ["transformers", "CLIPTextModel"],
+            "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+            "tokenizer": ["transformers", "PreTrainedTokenizerFast"],
+            "tokenizer_2": ["transformers", "PreTrainedTokenizerFast"],
+            "unet": ["diffusers", "UNet2DConditionModel"],
+            "vae": ["diffusers", "AutoencoderKL"],
+        })
+
+    return _build_atomically(Path(path), build)
+
+
+def build_tiny_flux(path, variant: str = "dev", seed: int = 0) -> Path:
+    """Write a random FLUX.1-shaped FluxPipeline folder at `path` (must not exist or be empty).
+
+    `variant` "dev" has the guidance embedding and the dynamic (resolution-dependent) shift of FLUX.1-dev's
+    scheduler config; "schnell" has neither (static shift 1.0), as FLUX.1-schnell's. The transformer is the
+    configuration of diffusers' Flux tests with the real 16-channel latents packed 2x2 into 64 input channels;
+    the VAE keeps the real 8x downscale, 16 latent channels, no quant convs, and FLUX.1's scaling and shift
+    factors. Text: a CLIPTextModel (pooled output) and a T5EncoderModel (gated-gelu, as T5 v1.1)."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    if variant not in ("dev", "schnell"):
+        raise ValueError(f"variant must be 'dev' or 'schnell', not {variant!r}")
+
+    def build(root: Path) -> None:
+        tokenizer = _byte_level_tokenizer(
+            specials=["<|startoftext|>", "<|endoftext|>"], bos="<|startoftext|>", eos="<|endoftext|>",
+            pad="<|endoftext|>", max_length=SDXL_TEXT_LENGTH,
+        )
+        tokenizer_2 = _byte_level_tokenizer(
+            specials=["<pad>", "</s>", "<unk>"], bos=None, eos="</s>", pad="<pad>", max_length=FLUX_T5_LENGTH,
+        )
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            text_encoder = CLIPTextModel(
+                CLIPTextConfig(
+                    vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                    num_attention_heads=4, max_position_embeddings=SDXL_TEXT_LENGTH, projection_dim=32,
+                    hidden_act="quick_gelu", bos_token_id=tokenizer.bos_token_id,
+                    eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                )
+            )
+            text_encoder_2 = T5EncoderModel(
+                T5Config(
+                    vocab_size=len(tokenizer_2), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                    relative_attention_num_buckets=8, relative_attention_max_distance=32,
+                    feed_forward_proj="gated-gelu", pad_token_id=tokenizer_2.pad_token_id,
+                    eos_token_id=tokenizer_2.eos_token_id, decoder_start_token_id=tokenizer_2.pad_token_id,
+                )
+            )
+            transformer = FluxTransformer2DModel(
+                patch_size=1, in_channels=64, num_layers=1, num_single_layers=2, attention_head_dim=16,
+                num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
+                guidance_embeds=variant == "dev", axes_dims_rope=(4, 4, 8),
+            )
+            vae = AutoencoderKL(
+                in_channels=3,
+                out_channels=3,
+                down_block_types=("DownEncoderBlock2D",) * 4,
+                up_block_types=("UpDecoderBlock2D",) * 4,
+                block_out_channels=(8, 16, 16, 16),
+                layers_per_block=1,
+                latent_channels=16,
+                norm_num_groups=8,
+                sample_size=64,
+                use_quant_conv=False,
+                use_post_quant_conv=False,
+                scaling_factor=0.3611,
+                shift_factor=0.1159,
+            )
+        if variant == "dev":
+            scheduler = FlowMatchEulerDiscreteScheduler(
+                num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                base_image_seq_len=256, max_image_seq_len=4096,
+            )
+        else:
+            scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0,
+                                                        use_dynamic_shifting=False)
+        transformer.save_pretrained(root / "transformer")
+        vae.save_pretrained(root / "vae")
+        text_encoder.save_pretrained(root / "text_encoder")
+        text_encoder_2.save_pretrained(root / "text_encoder_2")
+        _save_tokenizer(tokenizer, root / "tokenizer")
+        _save_tokenizer(tokenizer_2, root / "tokenizer_2")
+        scheduler.save_pretrained(root / "scheduler")
+        _write_json(root / "model_index.json", {
+            "_class_name": "FluxPipeline",
+            "_diffusers_version": _diffusers_version(),
+            "feature_extractor": [None, None],
+            "image_encoder": [None, None],
+            "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+            "text_encoder": ["transformers", "CLIPTextModel"],
+            "text_encoder_2": ["transformers", "T5EncoderModel"],
+            "tokenizer": ["transformers", "PreTrainedTokenizerFast"],
+            "tokenizer_2": ["transformers", "PreTrainedTokenizerFast"],
+            "transformer": ["diffusers", "FluxTransformer2DModel"],
+            "vae": ["diffusers", "AutoencoderKL"],
+        })
+
+    return _build_atomically(Path(path), build)

@@ -11,6 +11,8 @@ from .base import ModelFamily
 FAMILIES: dict[str, str] = {
     "sd15": "sd15:SD15",
     "wan21": "wan21:Wan21",
+    "sdxl": "sdxl:SDXL",
+    "flux": "flux:Flux",
 }
 
 
