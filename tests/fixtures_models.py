@@ -63,3 +63,34 @@ def tiny_flux_schnell_path(tmp_path_factory) -> Path:
 
     return _build_once("tiny_flux_schnell", tmp_path_factory, build_tiny_flux, variant="schnell")
 
+
+@pytest.fixture(scope="session")
+def tiny_wan21_i2v_path(tmp_path_factory) -> Path:
+    """A random Wan 2.1 I2V-shaped WanImageToVideoPipeline folder (CLIP image encoder, in_channels 36)."""
+    from trainer.tiny import build_tiny_wan21_i2v
+
+    return _build_once("tiny_wan21_i2v", tmp_path_factory, build_tiny_wan21_i2v)
+
+
+@pytest.fixture(scope="session")
+def tiny_wan22_5b_path(tmp_path_factory) -> Path:
+    """A random Wan 2.2 TI2V-5B-shaped WanPipeline folder (2.2 VAE, expand_timesteps)."""
+    from trainer.tiny import build_tiny_wan22_5b
+
+    return _build_once("tiny_wan22_5b", tmp_path_factory, build_tiny_wan22_5b)
+
+
+@pytest.fixture(scope="session")
+def tiny_wan22_14b_path(tmp_path_factory) -> Path:
+    """A random Wan 2.2 A14B T2V-shaped two-expert WanPipeline folder (boundary_ratio 0.875)."""
+    from trainer.tiny import build_tiny_wan22_14b
+
+    return _build_once("tiny_wan22_14b", tmp_path_factory, build_tiny_wan22_14b)
+
+
+@pytest.fixture(scope="session")
+def tiny_wan22_14b_i2v_path(tmp_path_factory) -> Path:
+    """A random Wan 2.2 A14B I2V-shaped two-expert WanImageToVideoPipeline folder (boundary_ratio 0.9)."""
+    from trainer.tiny import build_tiny_wan22_14b
+
+    return _build_once("tiny_wan22_14b_i2v", tmp_path_factory, build_tiny_wan22_14b, i2v=True)

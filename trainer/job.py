@@ -54,6 +54,7 @@ class DatasetConfig:
     cache_latents_to_disk: bool = False
     on_bad_file: str = "error"
     frame_sampling: str = "auto"
+    do_i2v: bool = False  # condition on each clip's first frame (image-to-video families only)
 
 
 @dataclass
@@ -251,6 +252,10 @@ def _dataset(data: Any, path: str, family_cls) -> DatasetConfig:
     ext = _str(d, "caption_ext", path, "txt", required=True).lstrip(".")
     if "/" in ext or "\\" in ext:
         raise JobError(_join(path, "caption_ext"), f"must be a file extension like 'txt'; got {ext!r}")
+    do_i2v = _bool(d, "do_i2v", path, False)
+    if do_i2v and not getattr(family_cls, "supports_i2v", False):
+        raise JobError(_join(path, "do_i2v"), f"{family_cls.name} has no first-frame (image) conditioning; remove "
+                                              "do_i2v or use an image-to-video family")
     return DatasetConfig(
         folder_path=_str(d, "folder_path", path, required=True),
         caption_ext=ext,
@@ -263,6 +268,7 @@ def _dataset(data: Any, path: str, family_cls) -> DatasetConfig:
         cache_latents_to_disk=_bool(d, "cache_latents_to_disk", path, False),
         on_bad_file=_choice(d, "on_bad_file", path, "error", ("error", "skip")),
         frame_sampling=_choice(d, "frame_sampling", path, "auto", ("auto", "decode", "seek")),
+        do_i2v=do_i2v,
     )
 
 

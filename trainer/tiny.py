@@ -409,3 +409,158 @@ def build_tiny_flux(path, variant: str = "dev", seed: int = 0) -> Path:
         })
 
     return _build_atomically(Path(path), build)
+
+
+# ---------------------------------------------------------------- Wan image-to-video and Wan 2.2
+
+# The CLIP vision tower of the tiny Wan 2.1 I2V: 32-pixel crops in 8-pixel patches (16 + 1 tokens) of width 16.
+WAN_CLIP_IMAGE_SIZE = 32
+WAN_CLIP_WIDTH = 16
+
+
+def _tiny_wan_text_components(seed: int):
+    """The tiny UMT5 encoder and byte-level tokenizer every tiny Wan folder uses (as build_tiny_wan21)."""
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    tokenizer = _byte_level_tokenizer(
+        specials=["<pad>", "</s>", "<unk>"], bos=None, eos="</s>", pad="<pad>", max_length=WAN_TEXT_LENGTH,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        text_encoder = UMT5EncoderModel(
+            UMT5Config(
+                vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                relative_attention_num_buckets=8, relative_attention_max_distance=32,
+                feed_forward_proj="gated-gelu", pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=tokenizer.pad_token_id,
+            )
+        )
+    return tokenizer, text_encoder
+
+
+def _tiny_wan_transformer(seed: int, in_channels: int, out_channels: int = 16, **extra):
+    """diffusers' own Wan pipeline test transformer (2 layers, 2 heads x 12), with the given channels."""
+    from diffusers import WanTransformer3DModel
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return WanTransformer3DModel(
+            patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=in_channels,
+            out_channels=out_channels, text_dim=32, freq_dim=256, ffn_dim=32, num_layers=2, cross_attn_norm=True,
+            qk_norm="rms_norm_across_heads", rope_max_seq_len=32, **extra,
+        )
+
+
+def _tiny_wan21_vae(seed: int):
+    from diffusers import AutoencoderKLWan
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return AutoencoderKLWan(
+            base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True],
+        )
+
+
+def _flow_scheduler(flow_shift: float):
+    from diffusers import UniPCMultistepScheduler
+
+    return UniPCMultistepScheduler(
+        num_train_timesteps=1000, prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=flow_shift,
+    )
+
+
+def _save_wan_folder(root: Path, pipeline: str, components: dict, config: dict) -> None:
+    """Save each component in its subfolder and write model_index.json as diffusers does (None -> [null, null])."""
+    index = {"_class_name": pipeline, "_diffusers_version": _diffusers_version(), **config}
+    for name, component in components.items():
+        if component is None:
+            index[name] = [None, None]
+            continue
+        if name == "tokenizer":
+            _save_tokenizer(component, root / name)
+            index[name] = ["transformers", "PreTrainedTokenizerFast"]
+            continue
+        component.save_pretrained(root / name)
+        library = "diffusers" if type(component).__module__.startswith("diffusers") else "transformers"
+        # transformers 5 without torchvision builds the PIL backend class; folders name the generic class
+        # (as the saved preprocessor_config.json already does), which resolves to whichever backend exists.
+        index[name] = [library, type(component).__name__.removesuffix("Pil")]
+    _write_json(root / "model_index.json", dict(sorted(index.items())))
+
+
+def build_tiny_wan21_i2v(path, seed: int = 0) -> Path:
+    """Write a random Wan 2.1 I2V-shaped WanImageToVideoPipeline folder at `path` (must not exist or be empty).
+
+    As the real 480P/720P folders: transformer in_channels 36 (16 noisy + 4 mask + 16 first-frame latents),
+    CLIP image conditioning (image_dim = the vision tower's width, added K/V projections of the model width),
+    a CLIPVisionModel with its CLIPImageProcessor, UniPC with flow shift 3.0."""
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+
+    def build(root: Path) -> None:
+        tokenizer, text_encoder = _tiny_wan_text_components(seed)
+        transformer = _tiny_wan_transformer(seed, in_channels=36, image_dim=WAN_CLIP_WIDTH, added_kv_proj_dim=24)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            image_encoder = CLIPVisionModel(CLIPVisionConfig(
+                hidden_size=WAN_CLIP_WIDTH, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                image_size=WAN_CLIP_IMAGE_SIZE, patch_size=8, projection_dim=WAN_CLIP_WIDTH,
+            ))
+        image_processor = CLIPImageProcessor(size={"shortest_edge": WAN_CLIP_IMAGE_SIZE},
+                                             crop_size={"height": WAN_CLIP_IMAGE_SIZE, "width": WAN_CLIP_IMAGE_SIZE})
+        _save_wan_folder(root, "WanImageToVideoPipeline", {
+            "transformer": transformer, "transformer_2": None, "vae": _tiny_wan21_vae(seed),
+            "text_encoder": text_encoder, "tokenizer": tokenizer, "scheduler": _flow_scheduler(3.0),
+            "image_encoder": image_encoder, "image_processor": image_processor,
+        }, {"boundary_ratio": None, "expand_timesteps": False})
+
+    return _build_atomically(Path(path), build)
+
+
+def build_tiny_wan22_5b(path, seed: int = 0) -> Path:
+    """Write a random Wan 2.2 TI2V-5B-shaped WanPipeline folder (expand_timesteps) at `path`.
+
+    The VAE is the 2.2 one in diffusers' own TI2V test size (z_dim 48, patchify 2, 16x spatial), with a seeded
+    non-trivial latents_mean / latents_std so that normalization is visible; flow shift 5.0 as released."""
+    from diffusers import AutoencoderKLWan
+
+    def build(root: Path) -> None:
+        tokenizer, text_encoder = _tiny_wan_text_components(seed)
+        transformer = _tiny_wan_transformer(seed, in_channels=48, out_channels=48)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            mean = (torch.randn(48) * 0.3).tolist()
+            std = (torch.rand(48) * 1.5 + 0.5).tolist()
+            vae = AutoencoderKLWan(
+                base_dim=3, z_dim=48, in_channels=12, out_channels=12, is_residual=True, patch_size=2,
+                latents_mean=[round(v, 4) for v in mean], latents_std=[round(v, 4) for v in std],
+                dim_mult=[1, 1, 1, 1], num_res_blocks=1, scale_factor_spatial=16, scale_factor_temporal=4,
+                temperal_downsample=[False, True, True],
+            )
+        _save_wan_folder(root, "WanPipeline", {
+            "transformer": transformer, "transformer_2": None, "vae": vae, "text_encoder": text_encoder,
+            "tokenizer": tokenizer, "scheduler": _flow_scheduler(5.0),
+        }, {"boundary_ratio": None, "expand_timesteps": True})
+
+    return _build_atomically(Path(path), build)
+
+
+def build_tiny_wan22_14b(path, i2v: bool = False, seed: int = 0) -> Path:
+    """Write a random Wan 2.2 A14B-shaped two-expert folder at `path`: WanPipeline (boundary_ratio 0.875,
+    flow shift 12.0) or, with `i2v`, WanImageToVideoPipeline (0.9, shift 5.0; in_channels 36, no image
+    encoder). The experts get different seeds, so they are different models."""
+
+    def build(root: Path) -> None:
+        tokenizer, text_encoder = _tiny_wan_text_components(seed)
+        channels = 36 if i2v else 16
+        components = {
+            "transformer": _tiny_wan_transformer(seed, in_channels=channels),
+            "transformer_2": _tiny_wan_transformer(seed + 1, in_channels=channels),
+            "vae": _tiny_wan21_vae(seed), "text_encoder": text_encoder, "tokenizer": tokenizer,
+            "scheduler": _flow_scheduler(5.0 if i2v else 12.0),
+        }
+        if i2v:
+            components.update(image_encoder=None, image_processor=None)
+        _save_wan_folder(root, "WanImageToVideoPipeline" if i2v else "WanPipeline", components,
+                         {"boundary_ratio": 0.9 if i2v else 0.875, "expand_timesteps": False})
+
+    return _build_atomically(Path(path), build)

@@ -6,13 +6,21 @@ the caller may release the family's encoders: the training set never needs them 
 
 A *sample* is one media item at one resolution; ``len(ts)`` counts samples, and an epoch visits each
 sample `num_repeats` times.
+
+Per-item conditioning: a family whose denoiser is conditioned on the item itself (image-to-video: the clip's
+first frame) returns a dict from `encode_pixels`: ``{"latents": ..., <cond key>: ...}``. The extra entries
+are cached with the sample (in memory, and on disk under keys derived from the latent's) and `collate`
+stacks them into ``batch["cond"]`` beside the caption's conditioning. Such a family sets `item_cond_keys`
+(the names it returns) and, when its conditioning can be switched per dataset, `supports_i2v`: then
+`encode_pixels(pixels, i2v=<the dataset's do_i2v>)` is called.
 """
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -40,6 +48,7 @@ class Sample:
     bucket: tuple[int, int]          # (width, height) in pixels
     frame_indices: tuple[int, ...]
     latent: torch.Tensor | None = None
+    cond: dict = field(default_factory=dict)  # per-item conditioning from the family (e.g. an I2V first frame)
 
     @property
     def shape_key(self) -> str:
@@ -81,6 +90,12 @@ def validate_dataset_config(cfg, index: int, family) -> None:
         raise JobError(field("on_bad_file"), "must be 'error' or 'skip'")
     if _setting(cfg, "frame_sampling", "auto") not in STRATEGIES:
         raise JobError(field("frame_sampling"), f"must be one of {', '.join(STRATEGIES)}")
+    do_i2v = _setting(cfg, "do_i2v", False)
+    if not isinstance(do_i2v, bool):
+        raise JobError(field("do_i2v"), f"must be true or false, got {do_i2v!r}")
+    if do_i2v and not getattr(family, "supports_i2v", False):
+        raise JobError(field("do_i2v"), f"the {family.name or 'chosen'} family has no first-frame (image) "
+                                        "conditioning; remove do_i2v or use an image-to-video family")
 
 
 def _flatten(datasets) -> list:
@@ -115,7 +130,11 @@ def scan_datasets(datasets, family, *, log: Callable[[str], None] = print) -> li
             items.append(entry)
             continue
         validate_dataset_config(entry, config_index, family)
-        items.extend(scan_folder(entry, family, dataset_index=config_index, log=log))
+        scanned = scan_folder(entry, family, dataset_index=config_index, log=log)
+        if _setting(entry, "do_i2v", False):
+            for item in scanned:
+                item.extra["do_i2v"] = True
+        items.extend(scanned)
         config_index += 1
     if not items:
         raise DatasetError("datasets", "no datasets given: add at least one folder or image batch")
@@ -187,6 +206,12 @@ class TrainingSet:
         latents = torch.stack([s.latent for s in samples])
         keys = self.conds[captions[0]].keys()
         cond = {key: torch.stack([self.conds[c][key] for c in captions]) for key in keys}
+        item_keys = samples[0].cond.keys()
+        if any(s.cond.keys() != item_keys for s in samples) or set(item_keys) & set(keys):
+            raise RuntimeError(f"per-item conditioning {sorted(item_keys)} differs within a batch or collides with "
+                               f"the caption conditioning {sorted(keys)}")
+        for key in item_keys:
+            cond[key] = torch.stack([s.cond[key] for s in samples])
         return {"latents": latents, "cond": cond, "captions": captions}
 
     def summary(self) -> dict:
@@ -239,6 +264,45 @@ def _disk_cache_for(item: MediaItem, cache_dir: Path | None, caches: dict, log) 
     return caches[directory]
 
 
+def _encode_kwargs(item: MediaItem, family) -> dict:
+    """What `encode_pixels` is told about the item: only families with switchable I2V get the flag."""
+    return {"i2v": bool(item.extra.get("do_i2v", False))} if getattr(family, "supports_i2v", False) else {}
+
+
+def _derived_key(key: str, suffix: str) -> str:
+    return hashlib.sha256(f"{key}|{suffix}".encode()).hexdigest()
+
+
+def _entry_key(key: str, name: str) -> str:
+    """The disk key of a per-item conditioning entry (its own namespace: names are the family's choice)."""
+    return _derived_key(key, f"entry:{name}")
+
+
+def _split_encoded(encoded, family) -> tuple[torch.Tensor, dict]:
+    """encode_pixels' result for one item ([1, ...] or a dict of them) -> (latent, {cond key: tensor}) on CPU."""
+    if not isinstance(encoded, dict):
+        return encoded[0].detach().to("cpu"), {}
+    expected = set(getattr(family, "item_cond_keys", ()))
+    if "latents" not in encoded or set(encoded) - {"latents"} != expected:
+        raise RuntimeError(f"{type(family).__name__}.encode_pixels returned {sorted(encoded)}; expected 'latents' "
+                           f"and its item_cond_keys {sorted(expected)}")
+    cond = {k: v[0].detach().to("cpu") for k, v in encoded.items() if k != "latents"}
+    return encoded["latents"][0].detach().to("cpu"), cond
+
+
+def _load_cached(disk: DiskLatentCache, key: str, family) -> tuple[torch.Tensor | None, dict]:
+    """The latent and every per-item conditioning entry from disk, or (None, {}) unless all are there."""
+    latent = disk.load(key)
+    cond = {}
+    for name in getattr(family, "item_cond_keys", ()):
+        if latent is None:
+            break
+        cond[name] = disk.load(_entry_key(key, name))
+        if cond[name] is None:
+            latent = None
+    return (latent, cond) if latent is not None else (None, {})
+
+
 def _encode_latents(samples: list[Sample], family, log, cache_dir: Path | None) -> list[Sample]:
     """Fill `sample.latent` for every sample: memory, then disk, then the VAE. Returns the samples kept."""
     by_item: dict[int, list[Sample]] = {}
@@ -255,10 +319,13 @@ def _encode_latents(samples: list[Sample], family, log, cache_dir: Path | None) 
         keys: dict[int, str] = {}
         if disk is not None:
             content = file_sha256(item.path) if item.path is not None else tensor_sha256(item.pixels)
+            kwargs = _encode_kwargs(item, family)
             for sample in item_samples:
-                keys[id(sample)] = latent_cache_key(content, bucket=sample.bucket, frame_indices=list(sample.frame_indices),
-                                                    num_frames=len(sample.frame_indices), family=family)
-                sample.latent = disk.load(keys[id(sample)])
+                key = latent_cache_key(content, bucket=sample.bucket, frame_indices=list(sample.frame_indices),
+                                       num_frames=len(sample.frame_indices), family=family)
+                # the I2V flag changes what is encoded; keys without it stay as they were
+                keys[id(sample)] = _derived_key(key, "do_i2v") if kwargs.get("i2v") else key
+                sample.latent, sample.cond = _load_cached(disk, keys[id(sample)], family)
                 from_disk += sample.latent is not None
         missing_buckets = list(dict.fromkeys(s.bucket for s in item_samples if s.latent is None))
         if missing_buckets:
@@ -271,14 +338,19 @@ def _encode_latents(samples: list[Sample], family, log, cache_dir: Path | None) 
                 continue
             for bucket, bucket_pixels in zip(missing_buckets, pixels):
                 with torch.no_grad():
-                    latent = family.encode_pixels(bucket_pixels[None])[0].detach().to("cpu")
+                    latent, cond = _split_encoded(family.encode_pixels(bucket_pixels[None],
+                                                                       **_encode_kwargs(item, family)), family)
                 encoded += 1
                 for sample in item_samples:
                     if sample.bucket == bucket and sample.latent is None:
-                        sample.latent = latent
+                        sample.latent, sample.cond = latent, cond
                         if disk is not None:
-                            disk.save(keys[id(sample)], latent, {"source": item.name, "bucket": sample.shape_key,
-                                                                 "family": str(getattr(family, "name", ""))})
+                            meta = {"source": item.name, "bucket": sample.shape_key,
+                                    "family": str(getattr(family, "name", ""))}
+                            # entries first, latent last: a latent on disk means its entries are there too
+                            for name, tensor in cond.items():
+                                disk.save(_entry_key(keys[id(sample)], name), tensor, {**meta, "entry": name})
+                            disk.save(keys[id(sample)], latent, meta)
         kept.extend(item_samples)
         now = time.perf_counter()
         if now - last_report > 10 or done == len(by_item):

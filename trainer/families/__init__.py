@@ -11,6 +11,10 @@ from .base import ModelFamily
 FAMILIES: dict[str, str] = {
     "sd15": "sd15:SD15",
     "wan21": "wan21:Wan21",
+    "wan21_i2v": "wan21_i2v:Wan21I2V",
+    "wan22_5b": "wan22_5b:Wan22TI2V",
+    "wan22_14b": "wan22_14b:Wan22A14B",
+    "wan22_14b_i2v": "wan22_14b:Wan22A14BI2V",
     "sdxl": "sdxl:SDXL",
     "flux": "flux:Flux",
 }
