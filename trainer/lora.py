@@ -47,6 +47,7 @@ class LoRAModule(nn.Module):
         nn.init.kaiming_uniform_(self.down.weight, a=math.sqrt(5))
         nn.init.zeros_(self.up.weight)  # starts as the identity: the model's output is unchanged at step 0
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.has_dropout = dropout > 0
         self.set_alpha(alpha)
         self._orig_forward = None
 
@@ -69,9 +70,16 @@ class LoRAModule(nn.Module):
             self._orig_forward = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Runs for every wrapped layer on every step: the no-op dropout module call and no-op casts are
+        # skipped (each costs microseconds, which add up to ~1% of a small model's step).
         out = self._orig_forward(x)
-        lx = self.up(self.down(self.dropout(x.to(self.down.weight.dtype))))
-        return out + (lx * self.scale).to(out.dtype)
+        down = self.down
+        if x.dtype != down.weight.dtype:
+            x = x.to(down.weight.dtype)
+        if self.has_dropout:
+            x = self.dropout(x)
+        lx = self.up(down(x)) * self.scale
+        return out + (lx if lx.dtype == out.dtype else lx.to(out.dtype))
 
     @torch.no_grad()
     def delta_weight(self) -> torch.Tensor:
@@ -129,9 +137,13 @@ class LoRANetwork(nn.Module):
         return {g: len(self.modules_in(g)) for g in ("linear", "conv")}
 
     def set_alphas(self, alphas: dict[str, float]) -> None:
+        # The loop calls this every step, but alphas change only at transitions and ramps: setting two
+        # attributes on each of hundreds of modules every step cost ~0.2 ms, so unchanged modules are skipped.
+        wanted = {group: _f32(alpha) for group, alpha in alphas.items()}
         for m in self.lora.values():
-            if m.group in alphas:
-                m.set_alpha(alphas[m.group])
+            alpha = wanted.get(m.group)
+            if alpha is not None and alpha != m.alpha:
+                m.set_alpha(alpha)
 
     def alphas(self) -> dict[str, float | None]:
         out = {}
