@@ -413,3 +413,64 @@ def test_run_transitions_and_exports_comfyui_flux_keys(tiny_flux_path, tmp_path)
             weight += delta.reshape(weight.shape).to(weight.dtype)
     after = probe.loss()
     assert after < 0.95 * before, (before, after)
+
+
+# ---------------------------------------------------------------- real ComfyUI (COMFYUI_ROOT only)
+
+@pytest.mark.comfyui
+@pytest.mark.slow
+def test_real_comfyui_loads_every_exported_key(tmp_path):
+    """ComfyUI builds Flux with 24 heads of 128 (axes 16 + 56 + 56), so the width must be 3072; depth, text and
+    pooled widths are read from the weights. One double and one single block: 531 M parameters, a 2.1 GB
+    float32 file; ComfyUI converts the diffusers state dict itself (convert_diffusers_mmdit), then the stock
+    LoRA loader applies our file (~90 s and ~8 GB of memory on 2 CPU cores). q/k/v (and proj_mlp in single
+    blocks) land in slices of the fused qkv / linear1 weights: 20 LoRA modules patch 13 weights."""
+    from diffusers import FluxTransformer2DModel
+
+    from tests.e2e import comfy_env
+    from tests.e2e.tiny_models import save_safetensors
+    from trainer.export import save_lora
+    from trainer.families.base import LoadedModel
+    from trainer.lora import LoRANetwork
+
+    comfy_env.require_comfyui()
+    with torch.device("meta"):
+        transformer = FluxTransformer2DModel(
+            patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=128,
+            num_attention_heads=24, joint_attention_dim=64, pooled_projection_dim=64, guidance_embeds=True,
+            axes_dims_rope=(16, 56, 56))
+    transformer = transformer.to_empty(device="cpu")
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in transformer.parameters():
+            p.normal_(0, 0.02, generator=gen)
+    model_file = save_safetensors(transformer.state_dict(), tmp_path / "flux.safetensors")
+    network = LoRANetwork(Flux(LoadedModel(denoiser=transformer)).target_modules(4, 4), linear_rank=4,
+                          linear_alpha=4, conv_rank=4, conv_alpha=4)
+    network.set_alphas({"linear": 2.5, "conv": 7.0})
+    with torch.no_grad():
+        for m in network.lora.values():
+            m.up.weight.normal_(0, 0.1, generator=gen)
+    lora_file = save_lora(tmp_path / "lora.safetensors", network, Flux(LoadedModel(denoiser=transformer)), {})
+    del transformer, network
+    (result,) = comfy_env.probe_many(model_file, [lora_file], dump_dir=tmp_path)
+
+    assert result["model_class"] == "Flux" and result["unet_config"]["guidance_embed"]
+    assert result["model_missing"] == [] and result["model_unexpected"] == []
+    assert result["not_loaded"] == [] and result["not_patched"] == [] and result["changed_without_patch"] == []
+    expected = delta_from_file(lora_file)
+    assert len(expected) == 20 and sorted(result["lora_targets"]) == sorted(expected)
+    assert result["patches_applied"] == 13
+    deltas = load_file(result["deltas_file"])
+    covered = {}
+    for prefix, want in expected.items():
+        target = result["lora_targets"][prefix]
+        if isinstance(target, list):  # [fused weight, [dim, start, size]]
+            key, (dim, start, size) = target
+            got = deltas[key].double().narrow(dim, start, size)
+        else:
+            key, size = target, want.shape[0]
+            got = deltas[key].double()
+        covered[key] = covered.get(key, 0) + size
+        assert float((got - want).abs().max()) <= 1e-6, prefix
+    assert all(covered[k] == deltas[k].shape[0] for k in covered)  # q, k, v (+ mlp) fill each fused weight

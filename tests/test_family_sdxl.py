@@ -342,3 +342,60 @@ def test_run_transitions_and_exports_comfyui_kohya_keys(tiny_sdxl_path, tmp_path
             weight += delta.reshape(weight.shape).to(weight.dtype)
     after = probe.loss()
     assert after < 0.95 * before, (before, after)
+
+
+# ---------------------------------------------------------------- real ComfyUI (COMFYUI_ROOT only)
+
+def exported_lora(family, path, seed: int = 1) -> None:
+    """A LoRA as training leaves it: the family's targets, alphas moved off the rank, non-zero up weights,
+    written by trainer.export (the same save_lora the loop calls)."""
+    from trainer.export import save_lora
+    from trainer.lora import LoRANetwork
+
+    network = LoRANetwork(family.target_modules(4, 4), linear_rank=4, linear_alpha=4, conv_rank=4, conv_alpha=4)
+    network.set_alphas({"linear": 2.5, "conv": 7.0})
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in network.lora.values():
+            m.up.weight.copy_(torch.randn(m.up.weight.shape, generator=gen) * 0.1)
+    save_lora(path, network, family, metadata={})
+
+
+@pytest.mark.comfyui
+@pytest.mark.slow
+def test_real_comfyui_loads_every_exported_key(tmp_path):
+    """ComfyUI detects SDXL-class UNets only at model_channels 320, context 2048, adm 2816 and a known depth
+    list; Segmind Vega's ([0, 0, 1, 1, 2, 2]) at 320 channels on every level is the smallest: 115 M
+    parameters. The probe renames the diffusers UNet with ComfyUI's own unet_to_diffusers map, loads it, applies
+    our file with the stock LoRA loader, and reports what it patched (~25 s on 2 CPU cores)."""
+    from diffusers import UNet2DConditionModel
+
+    from tests.e2e import comfy_env
+    from trainer.families.base import LoadedModel
+    from tests.e2e.tiny_models import save_safetensors
+
+    comfy_env.require_comfyui()
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=32, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 320, 320),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=5,
+        transformer_layers_per_block=(1, 1, 2), cross_attention_dim=2048, use_linear_projection=True,
+        addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
+    ).eval()
+    model_file = save_safetensors(unet.state_dict(), tmp_path / "sdxl_unet.safetensors")
+    lora_file = tmp_path / "lora.safetensors"
+    exported_lora(SDXL(LoadedModel(denoiser=unet)), lora_file)
+    del unet
+    (result,) = comfy_env.probe_many(model_file, [lora_file], dump_dir=tmp_path, diffusers_unet=True)
+
+    assert result["model_class"] == "SDXL" and result["model_config"] == "Segmind_Vega"
+    assert result["model_missing"] == [] and result["model_unexpected"] == []
+    assert result["not_loaded"] == [] and result["not_patched"] == [] and result["changed_without_patch"] == []
+    expected = delta_from_file(lora_file)
+    assert len(expected) == 192 + 38 and sorted(result["lora_targets"]) == sorted(expected)
+    assert result["patches_applied"] == len(expected)
+    deltas = load_file(result["deltas_file"])
+    for prefix, want in expected.items():
+        got = deltas[result["lora_targets"][prefix]].double()
+        assert float((got - want.reshape(got.shape)).abs().max()) <= 1e-6, prefix
