@@ -16,6 +16,8 @@ from ..errors import ModelError
 FAMILY_OF_PIPELINE = {
     "StableDiffusionPipeline": "sd15",
     "WanPipeline": "wan21",
+    "StableDiffusionXLPipeline": "sdxl",
+    "FluxPipeline": "flux",
 }
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
