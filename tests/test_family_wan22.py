@@ -422,3 +422,24 @@ def test_loop_as_is_trains_the_active_expert_only(tiny_wan22_14b_i2v_path, tmp_p
     assert sd and all(k.startswith("diffusion_model.blocks.") for k in sd)
     low_modules = {Wan21.export_prefix(t.name): t.module for t in fam.target_modules(4, 0, expert="low_noise")}
     apply_file_like_comfyui(low_modules, result.lora_path)
+
+
+# ================================================================ real ComfyUI (skips without COMFYUI_ROOT)
+
+@pytest.mark.comfyui
+def test_comfyui_applies_every_key_of_ti2v_and_per_expert_exports(tmp_path):
+    from tests.e2e import comfy_env
+    from tests.test_family_wan_i2v import comfyui_sized_wan, probe_family_export_in_comfyui
+    from trainer.families.base import LoadedModel
+
+    comfy_env.require_comfyui()
+    transformer = comfyui_sized_wan(0, 48, 48)
+    result, _ = probe_family_export_in_comfyui(Wan22TI2V(LoadedModel(denoiser=transformer)), transformer,
+                                               tmp_path, "ti2v")
+    assert result["model_config"] == "WAN22_T2V"
+    for cls, channels in ((Wan22A14B, 16), (Wan22A14BI2V, 36)):
+        experts = {"high_noise": comfyui_sized_wan(0, channels), "low_noise": comfyui_sized_wan(1, channels)}
+        family = cls(LoadedModel(denoiser=experts["high_noise"],
+                                 extra={"experts": experts, "active_expert": "high_noise", "boundary_ratio": 0.9}))
+        for expert, module in experts.items():
+            probe_family_export_in_comfyui(family, module, tmp_path, f"{cls.name}_{expert}", expert=expert)

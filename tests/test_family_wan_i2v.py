@@ -272,3 +272,59 @@ def test_i2v_run_learns_transitions_and_exports(tiny_wan21_i2v_path, tmp_path):
     apply_file_like_comfyui(fam, result.lora_path, 4)
     after = probe.loss()
     assert after < 0.95 * before, (before, after)
+
+
+# ---------------------------------------------------------------- real ComfyUI (skips without COMFYUI_ROOT)
+
+def comfyui_sized_wan(seed: int, in_channels: int, out_channels: int = 16, **extra):
+    """The smallest Wan ComfyUI detects: dim 128 = 1 head x 128, text_dim 4096 (see tests/e2e/tiny_models)."""
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(seed)
+    return WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=1, attention_head_dim=128, in_channels=in_channels,
+        out_channels=out_channels, text_dim=4096, freq_dim=256, ffn_dim=256, num_layers=2, cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads", eps=1e-6, **extra,
+    ).eval()
+
+
+def probe_family_export_in_comfyui(family, transformer, tmp_path, name, expert=None):
+    """Export a LoRA the trainer's way (family targets, scheduled alphas, export.save_lora), load it with real
+    ComfyUI on the native model file; returns (probe result, max |ComfyUI delta - ours|)."""
+    from tests.e2e import comfy_env
+    from tests.e2e.tiny_models import save_safetensors, wan_native_state_dict
+    from trainer.export import save_lora
+    from trainer.lora import LoRANetwork
+
+    model_file = save_safetensors(wan_native_state_dict(transformer), tmp_path / f"model_{name}.safetensors")
+    targets = family.target_modules(4, 4, expert=expert) if expert else family.target_modules(4, 4)
+    network = LoRANetwork(targets, linear_rank=4, linear_alpha=4, conv_rank=4, conv_alpha=4)
+    network.set_alphas({"linear": 2.5, "conv": 7.0})
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for m in network.lora.values():
+            m.up.weight.copy_(torch.randn(m.up.weight.shape, generator=gen) * 0.1)
+    lora_file = save_lora(tmp_path / f"lora_{name}.safetensors", network, family, metadata={})
+    expected = {type(family).export_prefix(m.name): m.delta_weight() for m in network.lora.values()}
+    (result,) = comfy_env.probe_many(model_file, [lora_file], dump_dir=tmp_path)
+    assert result["not_loaded"] == [] and result["not_patched"] == [] and result["model_missing"] == []
+    assert sorted(result["lora_targets"]) == sorted(expected) and result["patches_applied"] == len(expected)
+    deltas = load_file(result["deltas_file"])
+    worst = max(float((deltas[result["lora_targets"][p]].double() - d.double()).abs().max())
+                for p, d in expected.items())
+    assert worst <= 1e-6
+    return result, worst
+
+
+@pytest.mark.comfyui
+def test_comfyui_applies_every_key_of_a_wan21_i2v_export(tmp_path):
+    from tests.e2e import comfy_env
+    from trainer.families.base import LoadedModel
+
+    comfy_env.require_comfyui()
+    # ComfyUI's image projection takes 1280-wide CLIP features; image K/V projections have the model width.
+    transformer = comfyui_sized_wan(0, 36, image_dim=1280, added_kv_proj_dim=128)
+    result, _ = probe_family_export_in_comfyui(Wan21I2V(LoadedModel(denoiser=transformer)), transformer, tmp_path,
+                                               "wan21_i2v")
+    assert result["model_config"] == "WAN21_I2V"
+    assert any(".cross_attn.k_img" in k for k in result["lora_targets"])
