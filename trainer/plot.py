@@ -1,7 +1,8 @@
 """Render the metrics chart to a PNG (the same picture the node's live widget draws, server-side).
 
 Top panel: loss raw and smoothed, alpha as a step line on the right axis, phase bands with their names,
-transition markers, validation loss when present. Bottom panel: slope, R², CV and gradient stability.
+transition markers, validation loss when present, and the stop advice (a red dotted line at the step the advice
+fired, a star on the best validation loss it named). Bottom panel: slope, R², CV and gradient stability.
 """
 
 from __future__ import annotations
@@ -31,9 +32,12 @@ def _ema(y: np.ndarray, span: int = 20) -> np.ndarray:
     return out
 
 
-def render_png(data, phases: list | None = None, title: str = "", width: int = 1000, height: int = 600) -> bytes:
+def render_png(data, phases: list | None = None, title: str = "", width: int = 1000, height: int = 600,
+               events: list | None = None) -> bytes:
     """data: float array [steps, len(COLUMNS)] (NaN = undefined). phases: [{'name', 'start_step'}] (optional:
-    derived from phase_idx when absent). Returns PNG bytes."""
+    derived from phase_idx when absent). events: metrics_payload's [{'step', 'event', 'detail'}] (optional:
+    without them stop advice is read from the event_code column, and its best step is the lowest val_loss
+    up to it). Returns PNG bytes."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -66,6 +70,7 @@ def render_png(data, phases: list | None = None, title: str = "", width: int = 1
         if np.isfinite(val).any():
             ok = np.isfinite(val)
             ax.plot(steps[ok], val[ok], "o-", color="#d62728", ms=3, lw=1, label="val_loss")
+        _draw_stop_advice(ax, data, events)
         finite = loss[np.isfinite(loss)]
         if finite.size:
             lo, hi = np.percentile(finite, [1, 99])
@@ -101,6 +106,38 @@ def render_png(data, phases: list | None = None, title: str = "", width: int = 1
     return buf.getvalue()
 
 
+def _stop_advice(data: np.ndarray, events: list | None) -> list:
+    """[(advice step, best step or None, best val_loss or None)] from event details, else from the columns."""
+    if events is not None:
+        out = []
+        for e in events:
+            if e.get("event") == "suggest_stop":
+                d = e.get("detail") or {}
+                out.append((float(e["step"]), d.get("best_step"), d.get("best_val_loss")))
+        return out
+    from .metrics import EVENT_CODES
+
+    steps, codes, val = _col(data, "step"), _col(data, "event_code"), _col(data, "val_loss")
+    out = []
+    for s in steps[codes == EVENT_CODES["suggest_stop"]]:
+        ok = np.isfinite(val) & (steps <= s)
+        if ok.any():
+            i = np.flatnonzero(ok)[np.argmin(val[ok])]
+            out.append((float(s), float(steps[i]), float(val[i])))
+        else:
+            out.append((float(s), None, None))
+    return out
+
+
+def _draw_stop_advice(ax, data: np.ndarray, events: list | None) -> None:
+    for i, (step, best_step, best_val) in enumerate(_stop_advice(data, events)):
+        first = i == 0
+        ax.axvline(step, color="#d62728", ls=":", lw=1.5, label="suggest stop" if first else None)
+        if best_step is not None and best_val is not None:
+            ax.plot([best_step], [best_val], marker="*", color="#d62728", ms=12, ls="none",
+                    label="best val_loss" if first else None)
+
+
 def _phase_spans(data: np.ndarray, phases: list | None, end: float) -> list:
     if phases:
         starts = [(p["name"], float(p.get("start_step", 0))) for p in phases]
@@ -113,7 +150,7 @@ def _phase_spans(data: np.ndarray, phases: list | None, end: float) -> list:
     return [(name, start, starts[i + 1][1] if i + 1 < len(starts) else end) for i, (name, start) in enumerate(starts)]
 
 
-def save_png(path: Path, data, phases=None, title: str = "") -> Path:
+def save_png(path: Path, data, phases=None, title: str = "", events: list | None = None) -> Path:
     from .export import atomic_write_bytes
 
-    return atomic_write_bytes(Path(path), render_png(data, phases, title))
+    return atomic_write_bytes(Path(path), render_png(data, phases, title, events=events))

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 GROUPS = ("linear", "conv")
+SOURCES = ("train", "validation")
+TRANSITIONS = ("jump", "ramp", "preserve")
 
 
 @dataclass(frozen=True)
@@ -15,6 +17,14 @@ class ExitCriteria:
     min_loss_r2: float = 0.1
     max_loss_cv: float = 0.5
     r2_gate: bool = False
+    # What decides the phase's end. "train": the rules above on the training loss. "validation": a plateau of
+    # the fixed-noise validation loss over the last ``val_window`` evaluations (the train-loss rules are then
+    # not consulted). ``val_rate_below`` is relative: the fitted change of val_loss per 1000 optimizer steps
+    # divided by its mean over the window; the phase may end once that is >= -val_rate_below (no longer
+    # falling faster than that fraction per 1000 steps).
+    source: str = "train"
+    val_window: int = 5
+    val_rate_below: float = 0.05
 
 
 @dataclass(frozen=True)
@@ -34,6 +44,20 @@ class ScheduleConfig:
     cv_window: int = 50
     stability_span: int = 50
     min_losses: int = 100
+    # How alphas change at a transition: "jump" (at once), "ramp" (linearly over ramp_steps) or "preserve"
+    # (at once, with each LoRA up-projection and its optimizer moments rescaled so that the model's output is
+    # unchanged; see trainer.schedule.transitions). None: "ramp" when ramp_steps > 0, else "jump".
+    transition: str | None = None
+
+    @property
+    def transition_kind(self) -> str:
+        if self.transition is not None:
+            return self.transition
+        return "ramp" if self.ramp_steps > 0 else "jump"
+
+    @property
+    def uses_validation(self) -> bool:
+        return any(p.exit.source == "validation" for p in self.phases[:-1])
 
     @property
     def groups(self) -> tuple:

@@ -22,8 +22,23 @@ A phase (other than the last, which never exits) ends at the first update where 
                no trend, so the R² of a line through it is low by nature; gating on it would block exactly the
                case a phase is meant to end on. R² is always computed and logged.
 
-At most one transition happens per update. After a transition the scheduled alphas move linearly from the
-values in force to the new phase's over ``ramp_steps`` optimizer steps (0 = jump at once).
+A phase whose ``exit.source`` is "validation" ignores the training-loss rules above and ends instead at the
+first update where ALL of these hold:
+
+- ``steps_in_phase >= min_steps``
+- at least ``val_window`` validation losses observed in this phase (``observe_validation``)
+- val plateau: ``val_rate >= -val_rate_below``, where val_rate is the OLS slope of val_loss against step over
+               the last ``val_window`` evaluations, times 1000, divided by their mean: the relative change per
+               1000 steps. While the validation loss still falls faster than that, the phase continues. A
+               rising validation loss also ends the phase: this alpha has nothing left to give, and whether
+               to stop altogether is the stop advisor's question (trainer.schedule.stop_advice).
+
+The validation window is the phase's, like the training statistics: cleared at a transition.
+
+At most one transition happens per update. After a transition the scheduled alphas change according to the
+config's ``transition_kind``: "ramp" moves them linearly from the values in force to the new phase's over
+``ramp_steps`` optimizer steps; "jump" and "preserve" switch at once ("preserve" additionally needs the loop
+to rescale the LoRA weights and optimizer moments: trainer.schedule.transitions.preserve_output).
 """
 
 from __future__ import annotations
@@ -76,6 +91,8 @@ class AlphaScheduler:
         self._loss_reg = WindowedRegression(self.config.window)
         self._loss_cv = RollingCV(self.config.cv_window)
         self._stability = EMA(self.config.stability_span)
+        k = max(2, int(self.phase.exit.val_window))
+        self._val_reg = WindowedRegression(window=k, min_samples=k)
 
     # -- read-only views ---------------------------------------------------------------------------------
     @property
@@ -111,7 +128,7 @@ class AlphaScheduler:
         """Alphas of the k-th step (1-based) of the current phase."""
         target = self._target_alphas(self._phase_idx)
         ramp = self.config.ramp_steps
-        if self._ramp_from is None or ramp <= 0:
+        if self._ramp_from is None or ramp <= 0 or self.config.transition_kind != "ramp":
             return target
         if k >= ramp:
             return target
@@ -125,6 +142,32 @@ class AlphaScheduler:
             "loss_cv": self._loss_cv.value,
             "loss_samples": self._loss_reg.n,
             "gradient_stability_avg": self._stability.value,
+        }
+
+    def validation_snapshot(self) -> dict:
+        """The current phase's validation-loss trend: relative change per 1000 steps, and how many values."""
+        return {"val_rate": self._val_rate(), "val_samples": self._val_reg.n}
+
+    def _val_rate(self) -> float | None:
+        slope, mean = self._val_reg.slope, self._val_reg.mean_y
+        if slope is None or mean is None or not mean > 0:
+            return None
+        return slope * 1000.0 / mean
+
+    def observe_validation(self, step: int, val_loss) -> None:
+        """Record a validation loss measured after optimizer step ``step`` (call before that step's update)."""
+        val_loss = _finite_or_none(val_loss)
+        if val_loss is not None:
+            self._val_reg.add(int(step), val_loss)
+
+    def _validation_criteria(self, crit) -> dict:
+        ex = self.phase.exit
+        rate = self._val_rate()
+        return {
+            "min_steps": crit(self._steps_in_phase >= self.phase.min_steps, self._steps_in_phase, ">=",
+                              self.phase.min_steps),
+            "min_val_losses": crit(self._val_reg.n >= ex.val_window, self._val_reg.n, ">=", ex.val_window),
+            "val_plateau": crit(rate is not None and rate >= -ex.val_rate_below, rate, ">=", -ex.val_rate_below),
         }
 
     def explain(self) -> dict:
@@ -141,7 +184,7 @@ class AlphaScheduler:
 
         stab_ok = stab >= ex.min_gradient_stability if stab is not None else ex.min_gradient_stability <= 0
         r2_ok = (r2 is not None and r2 >= ex.min_loss_r2) if ex.r2_gate else True
-        criteria = {
+        criteria = self._validation_criteria(crit) if ex.source == "validation" else {
             "min_steps": crit(self._steps_in_phase >= self.phase.min_steps, self._steps_in_phase, ">=",
                               self.phase.min_steps),
             "min_losses": crit(self._loss_reg.n >= self.config.min_losses, self._loss_reg.n, ">=",
@@ -159,6 +202,7 @@ class AlphaScheduler:
             "phase_idx": self._phase_idx,
             "steps_in_phase": self._steps_in_phase,
             "final": final,
+            "source": ex.source,
             "ready": (not final) and all(c["ok"] for c in criteria.values()),
             "criteria": criteria,
         }
@@ -176,9 +220,13 @@ class AlphaScheduler:
         if stab is not None:
             self._stability.add(stab)
             self._last_stability = stab
-        if (self.is_final_phase or self._steps_in_phase < self.phase.min_steps
-                or self._loss_reg.n < self.config.min_losses):
+        if self.is_final_phase or self._steps_in_phase < self.phase.min_steps:
             return None  # cheap early exit; explain() gives the same verdict
+        if self.phase.exit.source == "validation":
+            if self._val_reg.n < self.phase.exit.val_window:
+                return None
+        elif self._loss_reg.n < self.config.min_losses:
+            return None
         verdict = self.explain()
         if not verdict["ready"]:
             return None
@@ -202,7 +250,10 @@ class AlphaScheduler:
             "stability": snap["gradient_stability_avg"],
             "loss_samples": snap["loss_samples"],
             "thresholds": {name: c["threshold"] for name, c in verdict["criteria"].items()},
+            "source": verdict["source"],
         }
+        if verdict["source"] == "validation":
+            record.update(self.validation_snapshot())
         self._history.append(record)
         self._phase_idx += 1
         self._steps_in_phase = 0
@@ -229,6 +280,7 @@ class AlphaScheduler:
             "loss_regression": self._loss_reg.state_dict(),
             "loss_cv": self._loss_cv.state_dict(),
             "stability_ema": self._stability.state_dict(),
+            "val_regression": self._val_reg.state_dict(),
         }
 
     def load_state_dict(self, sd: dict) -> None:
@@ -257,6 +309,8 @@ class AlphaScheduler:
         self._loss_reg.load_state_dict(sd["loss_regression"])
         self._loss_cv.load_state_dict(sd["loss_cv"])
         self._stability.load_state_dict(sd["stability_ema"])
+        if sd.get("val_regression") is not None:  # absent in states written before validation existed
+            self._val_reg.load_state_dict(sd["val_regression"])
 
 
 def format_transition(record: dict) -> str:
@@ -268,6 +322,11 @@ def format_transition(record: dict) -> str:
     changed = ", ".join(f"{g} {record['from_alphas'][g]:g} -> {a:g}" for g, a in record["to_alphas"].items()
                         if record["from_alphas"].get(g) != a) or "alphas unchanged"
     th = record.get("thresholds", {})
+    if record.get("source") == "validation":
+        return (f"step {record['step']}: phase {record['from_phase']} -> {record['to_phase']} ({changed}) after "
+                f"{record['steps_in_phase']} steps; validation loss change {num(record.get('val_rate'), '+.3g')} "
+                f"of its mean per 1000 steps over the last {record.get('val_samples')} evaluations "
+                f"(plateau >= {num(th.get('val_plateau'), '.3g')})")
     return (f"step {record['step']}: phase {record['from_phase']} -> {record['to_phase']} ({changed}) after "
             f"{record['steps_in_phase']} steps; loss slope {num(record['slope'], '.3g')}/step "
             f"(plateau >= {num(th.get('plateau'), '.3g')}, rising <= {num(th.get('not_rising'), '.3g')}), "
