@@ -666,8 +666,10 @@ def train_from_nodes(mapping: dict, dataset: Dataset, *, lora_path: str | os.Pat
             return bool(interrupted())
 
     try:
-        result = train(job, _NodeCallbacks(), extra_items=trainable_items(dataset), lora_path=Path(lora_path),
-                       accelerator=accelerator)
+        # The in-memory items go in with the folders: scan_datasets passes MediaItems through and checks them
+        # against the family (a clip's frame count, a video on an image family) before any model loads.
+        run_job = replace(job, datasets=list(job.datasets) + trainable_items(dataset))
+        result = train(run_job, _NodeCallbacks(), lora_path=Path(lora_path), accelerator=accelerator)
     except InterruptedTraining:
         live.flush(done=True)
         raise
