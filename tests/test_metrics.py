@@ -35,7 +35,8 @@ def test_columns_are_the_documented_order():
     assert COLUMNS == ("step", "loss", "loss_slope", "loss_r2", "loss_cv", "gradient_stability",
                        "gradient_stability_avg", "grad_norm", "lr", "phase_idx", "steps_in_phase", "linear_alpha",
                        "conv_alpha", "expert_idx", "event_code", "val_loss")
-    assert EVENT_CODES == {"transition": 1, "checkpoint": 2, "resume": 3, "interrupt": 4, "nan_skip": 5}
+    assert EVENT_CODES == {"transition": 1, "checkpoint": 2, "resume": 3, "interrupt": 4, "nan_skip": 5,
+                           "suggest_stop": 6}
     assert EXPERT_CODES == {"high_noise": 0, "low_noise": 1}
     import trainer.metrics as m
     for i, c in enumerate(COLUMNS):  # the docstring documents each column with its index

@@ -12,14 +12,14 @@ import hashlib
 import json
 import math
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from .errors import JobError
-from .schedule.phases_config import ExitCriteria, Phase, ScheduleConfig
+from .schedule.phases_config import SOURCES, TRANSITIONS, ExitCriteria, Phase, ScheduleConfig
 
 DTYPES = ("fp32", "fp16", "bf16")
 OPTIMIZERS = ("adamw", "adamw8bit")
@@ -97,6 +97,22 @@ class SaveConfig:
 
 
 @dataclass
+class ValidationConfig:
+    """The job's `validation` section (absent = no validation). See trainer/validation.py and
+    trainer/schedule/stop_advice.py for what each number means."""
+
+    every: int = 100            # evaluate after every N optimizer steps
+    items: int = 4              # probe items (held-out if folder_path, else spread over the training set)
+    timesteps: int = 8          # fixed timesteps: quantile midpoints of the family's timestep distribution
+    seed: int = 1234            # the fixed noise
+    folder_path: str | None = None  # held-out folder, read with the first dataset's settings
+    patience: int = 5           # evaluations without a new best (in the final phase) before "suggest stop"
+    min_delta: float = 0.0      # relative: a new best must be below best * (1 - min_delta)
+    stop_on_plateau: bool = False  # end the run (checkpoint + export) when the stop advice fires
+    keep_best: bool = True      # write <job>_best.safetensors at each new best validation loss
+
+
+@dataclass
 class Job:
     job: str
     output_dir: str
@@ -106,6 +122,7 @@ class Job:
     train: TrainConfig
     save: SaveConfig
     source: dict = field(default_factory=dict, repr=False)  # the raw mapping, for metadata and hashing
+    validation: ValidationConfig | None = None
 
     @property
     def lora_path(self) -> Path:
@@ -280,6 +297,9 @@ def _exit(data: Any, path: str, base: ExitCriteria) -> ExitCriteria:
         min_loss_r2=_float(d, "min_loss_r2", path, base.min_loss_r2, lo=0.0, hi=1.0),
         max_loss_cv=_float(d, "max_loss_cv", path, base.max_loss_cv, lo=0.0, lo_open=True),
         r2_gate=_bool(d, "r2_gate", path, base.r2_gate),
+        source=_choice(d, "source", path, base.source, SOURCES),
+        val_window=_int(d, "val_window", path, base.val_window, lo=3),
+        val_rate_below=_float(d, "val_rate_below", path, base.val_rate_below, lo=0.0),
     )
 
 
@@ -300,10 +320,10 @@ def _phases(data: Any, path: str, group: str, base_exit: ExitCriteria) -> list:
     return out
 
 
-def _schedule(data: Any, path: str, net: NetworkConfig, family_cls) -> tuple:
+def _schedule(data: Any, path: str, net: NetworkConfig, family_cls, has_validation: bool = False) -> tuple:
     """Returns (ScheduleConfig or None, linear_alpha override or None)."""
     d = _keys(data, path, ("enabled", "linear_alpha", "conv_alpha_phases", "linear_alpha_phases", "ramp_steps",
-                           "preset", "window", "per_expert", "mode"))
+                           "preset", "window", "per_expert", "mode", "transition"))
     if not _bool(d, "enabled", path, True):
         return None, None
     if d.get("per_expert") is not None:
@@ -313,6 +333,10 @@ def _schedule(data: Any, path: str, net: NetworkConfig, family_cls) -> tuple:
     if preset is not None and preset not in PRESET_EXITS:
         raise JobError(_join(path, "preset"), f"must be one of {', '.join(PRESET_EXITS)}; got {preset!r}")
     base_exit = PRESET_EXITS.get(preset, ExitCriteria())
+    if preset is not None and has_validation:
+        # With a validation section the preset's phases end on a validation-loss plateau: the training loss
+        # mostly measures which timestep was drawn. A phase's exit_criteria.source: train overrides this.
+        base_exit = replace(base_exit, source="validation")
     linear_override = None
     if d.get("linear_alpha") is not None:
         linear_override = _float(d, "linear_alpha", path, 16.0, lo=0.0, lo_open=True)
@@ -359,10 +383,26 @@ def _schedule(data: Any, path: str, net: NetworkConfig, family_cls) -> tuple:
         raise JobError(path, f"duplicate phase names: {', '.join(sorted(dup))}")
     cfg = ScheduleConfig(phases=tuple(phases), ramp_steps=_int(d, "ramp_steps", path, 0, lo=0),
                          window=_int(d, "window", path, 200, lo=20))
+    transition = d.get("transition")
+    if transition is not None:
+        transition = _choice(d, "transition", path, "jump", TRANSITIONS)
+        if transition == "ramp" and cfg.ramp_steps == 0:
+            raise JobError(_join(path, "ramp_steps"), "transition: ramp needs ramp_steps > 0 (the steps the alpha "
+                                                      "takes to move from one phase's value to the next)")
+        if transition != "ramp" and cfg.ramp_steps > 0:
+            raise JobError(_join(path, "ramp_steps"), f"only applies to transition: ramp, not {transition}; "
+                                                      "remove ramp_steps or use transition: ramp")
+        cfg = replace(cfg, transition=transition)
+    for p in cfg.phases[:-1]:
+        if p.exit.source == "validation" and not has_validation:
+            group = "conv" if "conv" in p.alphas else "linear"
+            raise JobError(_join(path, f"{group}_alpha_phases.{p.name}.exit_criteria.source"),
+                           "is validation, but the job has no validation section; add one (validation: "
+                           "{every: 100}) or use source: train")
     return cfg, linear_override
 
 
-def _network(data: Any, family_cls) -> NetworkConfig:
+def _network(data: Any, family_cls, has_validation: bool = False) -> NetworkConfig:
     path = "network"
     d = _keys(data, path, tuple(f for f in NetworkConfig.__dataclass_fields__))
     if d.get("type", "lora") != "lora":
@@ -381,7 +421,8 @@ def _network(data: Any, family_cls) -> NetworkConfig:
         dropout=_float(d, "dropout", path, 0.0, lo=0.0, hi=0.9),
     )
     if d.get("alpha_schedule") is not None:
-        sched, linear_override = _schedule(d["alpha_schedule"], "network.alpha_schedule", net, family_cls)
+        sched, linear_override = _schedule(d["alpha_schedule"], "network.alpha_schedule", net, family_cls,
+                                           has_validation)
         net.alpha_schedule = sched
         if linear_override is not None:
             # The seed's alpha_schedule.linear_alpha is the fixed alpha of linear layers while conv is scheduled.
@@ -423,6 +464,26 @@ def _save(data: Any, steps: int) -> SaveConfig:
                       resume=resume)
 
 
+def _validation(data: Any) -> ValidationConfig | None:
+    p = "validation"
+    if data is None:
+        return None
+    d = _keys(data, p, ("enabled", *ValidationConfig.__dataclass_fields__))
+    if not _bool(d, "enabled", p, True):
+        return None
+    return ValidationConfig(
+        every=_int(d, "every", p, 100, lo=1),
+        items=_int(d, "items", p, 4, lo=1),
+        timesteps=_int(d, "timesteps", p, 8, lo=1),
+        seed=_int(d, "seed", p, 1234, lo=0),
+        folder_path=_str(d, "folder_path", p),
+        patience=_int(d, "patience", p, 5, lo=1),
+        min_delta=_float(d, "min_delta", p, 0.0, lo=0.0, hi=0.5),
+        stop_on_plateau=_bool(d, "stop_on_plateau", p, False),
+        keep_best=_bool(d, "keep_best", p, True),
+    )
+
+
 def validate_name(name: Any, field_name: str = "job") -> str:
     if not isinstance(name, str) or not NAME_RE.match(name) or ".." in name:
         raise JobError(field_name, f"{name!r} is not a usable name: use letters, digits, '_', '-', '.' (no path "
@@ -436,7 +497,7 @@ def parse_job(data: Any, base_dir: str | Path | None = None, *, require_datasets
     require_datasets=False lets a caller that brings in-memory items (the ComfyUI nodes) give no folders."""
     from .families import get_family
 
-    d = _keys(data, "", ("job", "output_dir", "model", "datasets", "network", "train", "save"),
+    d = _keys(data, "", ("job", "output_dir", "model", "datasets", "network", "train", "save", "validation"),
               required=("job", "model", "datasets") if require_datasets else ("job", "model"))
     name = validate_name(d["job"])
     model = _model(d["model"])
@@ -445,7 +506,8 @@ def parse_job(data: Any, base_dir: str | Path | None = None, *, require_datasets
     if not isinstance(raw_ds, list) or (require_datasets and not raw_ds):
         raise JobError("datasets", "must be a non-empty list of datasets ({folder_path: ..., ...})")
     datasets = [_dataset(x, f"datasets[{i}]", family_cls) for i, x in enumerate(raw_ds)]
-    network = _network(d.get("network", {}), family_cls)
+    validation = _validation(d.get("validation"))
+    network = _network(d.get("network", {}), family_cls, has_validation=validation is not None)
     train = _train(d.get("train", {}))
     save = _save(d.get("save", {}), train.steps)
     out = d.get("output_dir", f"./output/{name}")
@@ -464,8 +526,11 @@ def parse_job(data: Any, base_dir: str | Path | None = None, *, require_datasets
         model.path = resolve(model.path)
     if save.resume not in (None, "latest"):
         save.resume = resolve(save.resume)
+    if validation is not None and validation.folder_path:
+        q = Path(validation.folder_path).expanduser()
+        validation.folder_path = str(q if q.is_absolute() or base is None else base / q)
     return Job(job=name, output_dir=resolve(out), model=model, datasets=datasets, network=network, train=train,
-               save=save, source=data)
+               save=save, source=data, validation=validation)
 
 
 def _looks_like_path(p: str) -> bool:
@@ -496,6 +561,8 @@ def job_to_dict(job: Job) -> dict:
     if net.alpha_schedule is not None:
         s = net.alpha_schedule
         sched: dict = {"enabled": True, "ramp_steps": s.ramp_steps, "window": s.window}
+        if s.transition is not None:
+            sched["transition"] = s.transition
         for group in s.groups:
             sched[f"{group}_alpha_phases"] = {
                 p.name: {"alpha": p.alphas[group], "min_steps": p.min_steps, "exit_criteria": asdict(p.exit)}
@@ -503,4 +570,5 @@ def job_to_dict(job: Job) -> dict:
         network["alpha_schedule"] = sched
     return {"job": job.job, "output_dir": job.output_dir, "model": asdict(job.model),
             "datasets": [asdict(d) for d in job.datasets], "network": network,
-            "train": asdict(job.train), "save": asdict(job.save)}
+            "train": asdict(job.train), "save": asdict(job.save),
+            **({"validation": asdict(job.validation)} if job.validation is not None else {})}

@@ -21,12 +21,16 @@ from accelerate.utils import set_seed
 from . import checkpoint as ckpt
 from .errors import InterruptedTraining, TrainerError
 from .export import comfy_state_dict, lora_metadata, save_lora
+from .health import DEFAULT_EVERY as HEALTH_EVERY, HealthMonitor
 from .families import get_family
 from .job import Job
 from .lora import LoRANetwork
 from .metrics import MetricsLog, read_records
 from .schedule.gradient_stability import GradientSignAgreement
 from .schedule.scheduler import AlphaScheduler
+from .schedule.stop_advice import StopAdvisor, format_advice
+from .schedule.transitions import preserve_output
+from .validation import build_probe, scan_validation
 
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -53,6 +57,8 @@ class TrainResult:
     lora_state: dict  # ComfyUI-keyed tensors (what the LORA_MODEL output carries)
     checkpoint_path: Path | None = None
     transitions: list = field(default_factory=list)
+    best_lora_path: Path | None = None  # <job>_best.safetensors: the weights of the best validation loss
+    stop_advice: dict | None = None  # the last suggest_stop detail, if the advice fired
 
 
 class _StopFlag:
@@ -166,6 +172,8 @@ def train(job: Job, callbacks: Callbacks | None = None, *, family=None, training
         if not items:
             raise TrainerError("datasets: nothing to train on; give a dataset folder or images")
 
+    held_out = scan_validation(job, family_cls, log=cb.log)  # the validation folder's files, checked now
+
     # ---- model, then data encoded once and cached, then the encoders go ----
     set_seed(t.seed)
     if family is None:
@@ -173,6 +181,7 @@ def train(job: Job, callbacks: Callbacks | None = None, *, family=None, training
         family = family_cls.load(job.model.path, dtype=TORCH_DTYPES[job.model.dtype], device=device)
     if training_set is None:
         training_set = TrainingSet.build(items, family, seed=t.seed, log=cb.log)
+    probe = build_probe(job, family, training_set, held_out, log=cb.log)  # held-out items need the encoders
     family.release_encoders()
     weight_dtype = TORCH_DTYPES[job.model.dtype]
 
@@ -211,6 +220,12 @@ def train(job: Job, callbacks: Callbacks | None = None, *, family=None, training
     noise_gen = torch.Generator().manual_seed(t.seed + 1)
     data_gen = torch.Generator().manual_seed(t.seed + 2)
     stability = GradientSignAgreement()
+    val_cfg = job.validation
+    advisor = StopAdvisor(val_cfg.patience, val_cfg.min_delta) if val_cfg is not None else None
+    health = HealthMonitor(network, every=val_cfg.every if val_cfg is not None else HEALTH_EVERY)
+    best_path = (lora_path.with_name(f"{lora_path.stem}_best.safetensors")
+                 if val_cfg is not None and val_cfg.keep_best else None)
+    best_file, stop_advised = None, False
     data = _DataPosition(training_set, t.batch_size, t.seed)
     step, bad_steps = 0, 0
 
@@ -227,13 +242,19 @@ def train(job: Job, callbacks: Callbacks | None = None, *, family=None, training
         if scheduler is not None:
             scheduler.load_state_dict(st["scheduler"])
             network.set_alphas(scheduler.alphas())
+        if advisor is not None and st.get("stop_advice"):
+            advisor.load_state_dict(st["stop_advice"])
+        health.load_state_dict(st.get("health") or {})
+        if best_path is not None and best_path.exists():
+            best_file = best_path
         cb.log(f"resumed from {resume_from} at step {step}")
     log = MetricsLog(job.metrics_path, resume_from_step=step if resume_from is not None else None)
     records = read_records(job.metrics_path) if resume_from is not None else []
 
     def checkpoint_now() -> Path:
         state = {"job": job.job, "signature": job.network_signature(), "data": data.state(), "bad_steps": bad_steps,
-                 "scheduler": scheduler.state_dict() if scheduler else None}
+                 "scheduler": scheduler.state_dict() if scheduler else None,
+                 "stop_advice": advisor.state_dict() if advisor else None, "health": health.state_dict()}
         return ckpt.save_checkpoint(job.checkpoint_dir, step=step, lora=network.state_dict(),
                                     optimizer=optimizer.state_dict(), lr_scheduler=lr_scheduler.state_dict(),
                                     rng=_rng_state(noise_gen, data_gen, stability), state=state,
@@ -246,6 +267,7 @@ def train(job: Job, callbacks: Callbacks | None = None, *, family=None, training
         return save_lora(path, network, family, meta)
 
     def emit(record: dict) -> None:
+        record.update(health.counters())
         log.write(record)
         records.append(record)
         cb.on_step(record)
@@ -275,6 +297,8 @@ def train(job: Job, callbacks: Callbacks | None = None, *, family=None, training
                     loss = F.mse_loss(pred.float(), noisy.target.to(device, torch.float32))
                     accelerator.backward(loss)
                 micro_losses.append(loss.detach())
+            if health.due(step):
+                health.before_clip()
             grad_norm = accelerator.clip_grad_norm_(params, t.max_grad_norm if t.max_grad_norm > 0 else float("inf"))
             agreement = stability.update(params)
             nan = torch.tensor(float("nan"), device=device)
@@ -287,6 +311,7 @@ def train(job: Job, callbacks: Callbacks | None = None, *, family=None, training
                 # a NaN/Inf loss or gradient: skip the update, keep the last good weights
                 optimizer.zero_grad(set_to_none=True)
                 bad_steps += 1
+                health.count(loss_v, norm_v)
                 emit(_record(step, loss_v, None, norm_v, lr, optimizer, scheduler, network, event="nan_skip",
                              detail={"consecutive": bad_steps}))
                 if bad_steps >= t.max_bad_steps:
@@ -297,26 +322,50 @@ def train(job: Job, callbacks: Callbacks | None = None, *, family=None, training
                                        f"last good weights are in {path}. Lower train.lr, or use fp32/bf16 weights")
                 continue
             bad_steps = 0
+            if health.due(step):
+                health.before_step()
             optimizer.step()
             lr_scheduler.step()
             optimizer.zero_grad(set_to_none=True)
+            health_now = health.after_step() if health.due(step) else None
 
             events = list(pending)
             pending.clear()
+            val = None
+            if probe is not None and (step % val_cfg.every == 0 or step == t.steps):
+                val = probe.loss(per_timestep=True, modules=(network,))
+                if scheduler is not None:
+                    scheduler.observe_validation(step, val[0])
+                new_best, advice = advisor.observe(step, val[0], armed=scheduler is None or scheduler.is_final_phase)
+                if new_best and best_path is not None:
+                    best_file = export(best_path)
+                if advice is not None:
+                    events.append(("suggest_stop", advice))
+                    cb.log(format_advice(advice) + ("; stopping (validation.stop_on_plateau)"
+                                                    if val_cfg.stop_on_plateau else ""))
+                    stop_advised = val_cfg.stop_on_plateau
             if scheduler is not None:
                 transition = scheduler.update(step, loss_v, stab_v)
+                if transition is not None and scheduler.config.transition_kind == "preserve":
+                    # same output, rescaled up-projections and moments (trainer/schedule/transitions.py)
+                    transition["preserve_factors"] = preserve_output(network, optimizer, scheduler.alphas())
                 network.set_alphas(scheduler.alphas())
                 if transition is not None:
                     events.append(("transition", transition))
                     cb.log(_describe_transition(transition))
             stopping = (stop.stop or cb.should_stop()) and step < t.steps
-            saving = stopping or (step % s.every == 0 and step < t.steps)
+            saving = stopping or (step % s.every == 0 and step < t.steps and not stop_advised)
             if saving:
                 events.append(("interrupt" if stopping else "checkpoint",
                                {"path": str(ckpt.bundle_path(job.checkpoint_dir, step))}))
             record = _record(step, loss_v, stab_v, norm_v, lr, optimizer, scheduler, network,
                              event=events[0][0] if events else None,
                              detail=(events[0][1] if len(events) == 1 else dict(events)) if events else None)
+            if val is not None:
+                record.update(val_loss=val[0], val_loss_t=val[1],
+                              **(scheduler.validation_snapshot() if scheduler is not None else {}))
+            if health_now is not None:
+                record["health"] = health_now
             emit(record)  # the record first: a log never lacks a step that a checkpoint holds
             if saving:
                 last_ckpt = checkpoint_now()
@@ -330,6 +379,8 @@ def train(job: Job, callbacks: Callbacks | None = None, *, family=None, training
                 rate = (time.perf_counter() - t0) / max(1, len(records))
                 cb.log(f"step {step}/{t.steps} loss {loss_v:.4f} phase {record['phase']} "
                        f"alpha {record['linear_alpha']}/{record['conv_alpha']} ({rate:.3f} s/step)")
+            if stop_advised:
+                break  # a normal end: final checkpoint and export below
 
     last_ckpt = checkpoint_now()
     out = export(lora_path)
@@ -339,7 +390,8 @@ def train(job: Job, callbacks: Callbacks | None = None, *, family=None, training
     cb.log(f"saved LoRA {out}")
     return TrainResult(lora_path=out, metrics_path=job.metrics_path, step=step, records=records,
                        lora_state=lora_state, checkpoint_path=last_ckpt,
-                       transitions=list(scheduler.history) if scheduler else [])
+                       transitions=list(scheduler.history) if scheduler else [],
+                       best_lora_path=best_file, stop_advice=advisor.advice if advisor else None)
 
 
 def _record(step, loss, stability, grad_norm, lr, optimizer, scheduler, network, *, event=None, detail=None,
@@ -370,6 +422,7 @@ def _record(step, loss, stability, grad_norm, lr, optimizer, scheduler, network,
 
 
 def _describe_transition(tr: dict) -> str:
-    nums = ", ".join(f"{k} {tr[k]:.3g}" for k in ("slope", "r2", "cv", "stability") if _finite(tr.get(k)))
+    nums = ", ".join(f"{k} {tr[k]:.3g}" for k in ("slope", "r2", "cv", "stability", "val_rate")
+                     if _finite(tr.get(k)))
     return (f"step {tr['step']}: phase {tr['from_phase']} -> {tr['to_phase']} after {tr['steps_in_phase']} steps "
             f"(alpha {tr.get('from_alphas')} -> {tr.get('to_alphas')}; {nums})")

@@ -23,8 +23,14 @@ this fixed order:
     15 val_loss
 
 expert_idx: NaN none, 0 high_noise, 1 low_noise. event_code: NaN none, 1 transition, 2 checkpoint,
-3 resume, 4 interrupt, 5 nan_skip (with several events at one step, the lowest code). val_loss: NaN until
-validation exists.
+3 resume, 4 interrupt, 5 nan_skip, 6 suggest_stop (with several events at one step, the lowest code).
+val_loss: NaN except at validation steps.
+
+Optional record keys (issue 7): on validation steps ``val_loss``, ``val_loss_t`` (per fixed timestep, low u
+first), ``val_rate`` and ``val_samples`` (the phase's validation trend, trainer.schedule.scheduler); on health
+steps ``health`` ({grad_norm, update_ratio, delta_norm: {block group: value}, update_ratio_total,
+delta_norm_total}, trainer/health.py); on every record ``nan_steps`` and ``inf_steps`` (run totals).
+``suggest_stop``'s detail: {step, best_step, best_val_loss, val_loss, evaluations_without_improvement, trend}.
 """
 
 from __future__ import annotations
@@ -46,7 +52,7 @@ COLUMNS = (
     "grad_norm", "lr", "phase_idx", "steps_in_phase", "linear_alpha", "conv_alpha", "expert_idx", "event_code",
     "val_loss",
 )
-EVENT_CODES = {"transition": 1, "checkpoint": 2, "resume": 3, "interrupt": 4, "nan_skip": 5}
+EVENT_CODES = {"transition": 1, "checkpoint": 2, "resume": 3, "interrupt": 4, "nan_skip": 5, "suggest_stop": 6}
 EXPERT_CODES = {"high_noise": 0, "low_noise": 1}
 RECORD_KEYS = (
     "step", "timestamp", "loss", "loss_slope", "loss_r2", "loss_cv", "loss_samples", "gradient_stability",
