@@ -93,17 +93,6 @@ def test_next_free_path_counts_up_and_never_overwrites(tmp_path):
         cb.next_free_path(tmp_path, "../escape")
 
 
-def test_rotate_aside_keeps_everything(tmp_path):
-    d = tmp_path / "checkpoints"
-    assert cb.rotate_aside(d) is None
-    d.mkdir()
-    (d / "a").write_text("1")
-    assert cb.rotate_aside(d) == tmp_path / "checkpoints.1"
-    d.mkdir()
-    assert cb.rotate_aside(d) == tmp_path / "checkpoints.2"
-    assert (tmp_path / "checkpoints.1" / "a").read_text() == "1" and not d.exists()
-
-
 def test_folder_fingerprint_follows_content(tmp_path):
     write_image(tmp_path / "a.png")
     f1 = cb.folder_fingerprint(tmp_path)
@@ -476,7 +465,7 @@ def test_train_from_nodes_runs_cancels_and_resumes(tmp_path, tiny_sd15_path):  #
     assert Path(stop.value.lora_path).name == "nodes_00001_step7.safetensors" and not lora1.exists()
     assert sent[-1]["done"] and [r[0] for m in sent for r in m["rows"]] == list(range(1, 8))
 
-    # a fresh run (resume off) moves the cancelled run's checkpoints aside instead of mixing with them
+    # a fresh run (resume off): the loop moves the cancelled run's checkpoints aside instead of mixing them
     sent.clear()
     progress.clear()
     stop_after["n"] = 3

@@ -6,7 +6,7 @@ job mapping (validated by `trainer.job.parse_job`) and in-memory datasets, and h
 ComfyUI install:
 
 - names and folders: `check_name`, `resolve_input_folder`, `input_subfolders`, `diffusers_folders`,
-  `next_free_path` (a counter suffix, never overwriting), `rotate_aside`;
+  `next_free_path` (a counter suffix, never overwriting), `folder_fingerprint`;
 - datasets: `Dataset` (the PT_DATASET value), `folder_dataset`, `images_dataset`, `merge_datasets`;
 - network and schedule: `network_config`, `alpha_phase`, `preset_schedule` (PT_NETWORK / PT_SCHEDULE values);
 - the job: `build_job_mapping`, `node_error` (a JobError phrased for the node that owns the field),
@@ -24,7 +24,7 @@ import math
 import os
 import re
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -32,7 +32,6 @@ import numpy as np
 
 from .errors import DatasetError, JobError, TrainerError
 from .job import PRESET_EXITS, validate_name
-from .schedule.phases_config import ExitCriteria
 
 # Where the Train node keeps a job's metrics log and checkpoints, under ComfyUI's output folder.
 OUTPUT_SUBDIR = "phase_trainer"
@@ -169,21 +168,6 @@ def next_free_path(folder: str | os.PathLike, name: str, suffix: str = LORA_SUFF
     while True:
         candidate = folder / f"{name}_{n:0{COUNTER_DIGITS}d}{suffix}"
         if not candidate.exists():
-            return candidate
-        n += 1
-
-
-def rotate_aside(path: str | os.PathLike) -> Path | None:
-    """Rename an existing file or folder to `<name>.<n>` (first free n) so a fresh run never mixes with it or
-    deletes it. Returns the new path, or None when nothing was there."""
-    path = Path(path)
-    if not path.exists():
-        return None
-    n = 1
-    while True:
-        candidate = path.with_name(f"{path.name}.{n}")
-        if not candidate.exists():
-            os.replace(path, candidate)
             return candidate
         n += 1
 
@@ -611,7 +595,6 @@ class NodeRun:
     payload: dict
     step: int
     live_messages: int = 0
-    rotated: list = field(default_factory=list)
 
 
 def parse_node_job(mapping: dict):
@@ -633,21 +616,12 @@ def train_from_nodes(mapping: dict, dataset: Dataset, *, lora_path: str | os.Pat
     `send(message)` gets the throttled live messages (LiveMetrics); `progress(step, total)` is called every
     step; `interrupted()` is polled every step, and when it turns true the loop saves a checkpoint and the
     partial LoRA and `trainer.errors.InterruptedTraining` propagates (after a final live message with
-    done=True). Without resume, an earlier run's checkpoints of this job are moved aside (`checkpoints.<n>`,
-    never deleted) so that they can neither be resumed by mistake nor pruned by this run."""
+    done=True). Without resume the loop moves an earlier run's checkpoints of this job aside."""
     from .errors import InterruptedTraining
     from .loop import Callbacks, train
     from .metrics import read_records
 
     job = parse_node_job(mapping)
-    rotated = []
-    if job.save.resume is None:
-        from .checkpoint import complete_checkpoints
-
-        if complete_checkpoints(job.checkpoint_dir):
-            moved = rotate_aside(job.checkpoint_dir)
-            rotated.append(moved)
-            log(f"resume is off: moved the earlier run's checkpoints to {moved}")
     phases = list(job.network.alpha_schedule.phases) if job.network.alpha_schedule else []
     metrics_path = job.metrics_path
     live = LiveMetrics(node_id, phases, send, job=job.job, min_interval_s=min_interval_s,
@@ -684,7 +658,7 @@ def train_from_nodes(mapping: dict, dataset: Dataset, *, lora_path: str | os.Pat
     payload["job"] = job.job
     return NodeRun(job=job, lora_state=result.lora_state, metrics=metrics, loss_map=loss_map(result.records),
                    lora_path=Path(result.lora_path), payload=payload, step=result.step,
-                   live_messages=live.sent_messages, rotated=rotated)
+                   live_messages=live.sent_messages)
 
 
 # ---------------------------------------------------------------------------------------------- export
@@ -710,7 +684,8 @@ def export_items(items, folder: str | os.PathLike, size_step: int = 8) -> list[d
         kind, resolutions, num_frames, repeats, dropout, width, height = settings
         target = write_items_as_folder(group, Path(folder) / f"{'clips' if kind == 'video' else 'images'}_{n}")
         # None (train at the items' own size): the long side, on the model's size step
-        sizes = [r for r in resolutions if r is not None] or [max(size_step, max(width, height) // size_step * size_step)]
+        own = max(size_step, max(width, height) // size_step * size_step)
+        sizes = [r for r in resolutions if r is not None] or [own]
         entries.append({"folder_path": str(target), "caption_ext": "txt", "trigger_word": None,
                         "caption_dropout_rate": dropout, "resolution": sizes, "num_frames": num_frames,
                         "num_repeats": repeats})

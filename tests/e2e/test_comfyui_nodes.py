@@ -29,7 +29,6 @@ import json
 import os
 import shutil
 import subprocess
-import time
 from pathlib import Path
 
 import numpy as np
@@ -389,7 +388,8 @@ FIT_VIEW_JS = """([x0, y0, x1, y1]) => {
   const scale = Math.min(W / w, H / h) * 0.97;
   ds.scale = scale;
   const rect = app.canvas.canvas.getBoundingClientRect();
-  ds.offset = [(x0 - rect.left) / scale + (W / scale - w) / 2 - minX, (y0 - rect.top) / scale + (H / scale - h) / 2 - minY];
+  ds.offset = [(x0 - rect.left) / scale + (W / scale - w) / 2 - minX,
+               (y0 - rect.top) / scale + (H / scale - h) / 2 - minY];
   app.canvas.setDirty(true, true);
   app.canvas.draw(true, true);
 }"""
@@ -414,8 +414,8 @@ def write_workflows(page, out_dir: Path) -> dict:
         os.replace(tmp, path)
         page.wait_for_timeout(600)  # DOM widgets (notes, plots) follow the canvas on the next frames
         shot = out_dir / f".{name}.full.png"
-        page.screenshot(path=str(shot), clip={"x": VIEW_RECT[0], "y": VIEW_RECT[1], "width": VIEW_RECT[2] - VIEW_RECT[0],
-                                              "height": VIEW_RECT[3] - VIEW_RECT[1]})
+        x0, y0, x1, y1 = VIEW_RECT
+        page.screenshot(path=str(shot), clip={"x": x0, "y": y0, "width": x1 - x0, "height": y1 - y0})
         with Image.open(shot) as img:
             img.thumbnail((800, 450))
             img.convert("RGB").save(out_dir / f"{name}.png", optimize=True)
@@ -852,3 +852,56 @@ def test_export_job_and_native_outputs_feed_stock_nodes(comfy, tmp_path):
 
     with Image.open(comfy.base / "temp" / plot["subfolder"] / plot["filename"]) as img:
         assert img.size == (640, 400)
+
+
+def _error_of(comfy: Comfy, prompt: dict) -> dict:
+    ws = comfy.server.connect_ws(timeout=300)
+    try:
+        prompt_id = comfy.server.post_prompt(prompt)
+        messages = comfy_env.read_ws_until_done(ws, prompt_id, 300)
+    finally:
+        ws.close()
+    (error,) = [m["data"] for m in messages if m["type"] == "execution_error"]
+    return error
+
+
+def test_errors_show_on_the_node_at_fault(comfy):
+    bad = comfy.base / "input" / "bad_images"
+    make_image_folder(bad, count=2)
+    (bad / "zz_broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image")
+    dataset = {"class_type": "PhaseTrainerImageFolderDataset", "inputs": {
+        "folder": "bad_images", "resolution": "32", "trigger_word": "", "caption_ext": "txt", "default_caption": "",
+        "caption_dropout_rate": 0.0, "num_repeats": 1}}
+    model = {"class_type": "PhaseTrainerLoadModel", "inputs": {"family": "sd15", "diffusers_folder": FAST_SD15,
+                                                               "dtype": "fp32"}}
+    network = {"class_type": "PhaseTrainerLoRANetwork", "inputs": {"linear": 4, "linear_alpha": 4, "conv": 0,
+                                                                   "conv_alpha": 0}}
+    train = {"class_type": "PhaseTrainerTrain", "inputs": {
+        "model": ["1", 0], "dataset": ["2", 0], "network": ["3", 0], "job_name": "errors", "steps": 2,
+        "learning_rate": 1e-3, "optimizer": "adamw", "lr_scheduler": "constant", "warmup_steps": 0, "batch_size": 1,
+        "gradient_accumulation": 1, "seed": 1, "save_every": 1, "resume": False}}
+
+    # a corrupt file: reported by the dataset node, naming the file, before any model work
+    error = _error_of(comfy, {"1": model, "2": dataset, "3": network, "4": train})
+    assert error["node_id"] == "2" and error["node_type"] == "PhaseTrainerImageFolderDataset"
+    assert "zz_broken.png" in error["exception_message"]
+
+    # a setting the model family cannot use: reported by Train, naming the field and the node that sets it
+    (bad / "zz_broken.png").unlink()
+    dataset["inputs"]["resolution"] = "36"
+    error = _error_of(comfy, {"1": model, "2": dataset, "3": network, "4": train})
+    assert error["node_id"] == "4"
+    assert "datasets[0].resolution" in error["exception_message"] and "dataset nodes" in error["exception_message"]
+
+    # a job name that would write outside output/phase_trainer/
+    dataset["inputs"]["resolution"] = "32"
+    train["inputs"]["job_name"] = "../../escape"
+    error = _error_of(comfy, {"1": model, "2": dataset, "3": network, "4": train})
+    assert error["node_id"] == "4" and "job_name" in error["exception_message"]
+    assert not (comfy.base / "escape").exists() and not list(comfy.loras.glob("*escape*"))
+
+    # a folder that is not the family's model
+    model["inputs"]["family"] = "wan21"
+    train["inputs"]["job_name"] = "errors"
+    error = _error_of(comfy, {"1": model, "2": dataset, "3": network, "4": train})
+    assert error["node_id"] == "1" and FAST_SD15 in error["exception_message"]
