@@ -62,7 +62,7 @@ class ImageFolderDataset(io.ComfyNode):
         )
 
     @classmethod
-    def fingerprint_inputs(cls, folder, path="", **kwargs):
+    def fingerprint_inputs(cls, folder=None, path="", **kwargs):
         # Re-scan when files in the folder change, although the node's settings did not.
         try:
             return folder_fingerprint(_resolve(folder, path))
@@ -100,7 +100,7 @@ class VideoFolderDataset(io.ComfyNode):
         )
 
     @classmethod
-    def fingerprint_inputs(cls, folder, path="", **kwargs):
+    def fingerprint_inputs(cls, folder=None, path="", **kwargs):
         try:
             return folder_fingerprint(_resolve(folder, path))
         except Exception as exc:

@@ -67,7 +67,9 @@ def test_diffusers_folders_finds_pipelines_not_their_components(tmp_path):
         (folder / "model_index.json").write_text("{}")
         (folder / "unet" / "model_index.json").write_text("{}")  # never listed: inside a pipeline
     (root1 / "not_a_model").mkdir()
-    assert cb.diffusers_folders([root1, root2, tmp_path / "missing"]) == ["org/wan", "other", "sd15"]
+    (root1 / "org" / "loop").symlink_to(root1, target_is_directory=True)  # a link cycle ends at the depth limit
+    assert cb.diffusers_folders([root1, root2, tmp_path / "missing"]) == [
+        "org/loop/org/wan", "org/loop/sd15", "org/wan", "other", "sd15"]
     assert cb.resolve_model_path("org/wan", "", [root1, root2]) == str(root1 / "org" / "wan")
     assert cb.resolve_model_path("other", "", [root1, root2]) == str(root2 / "other")
     assert cb.resolve_model_path("sd15", "org/hub-model", [root1]) == "org/hub-model"

@@ -108,8 +108,9 @@ def input_subfolders(input_dir: str | os.PathLike, max_depth: int = INPUT_SCAN_D
     return sorted(found)
 
 
-def diffusers_folders(roots: Iterable[str | os.PathLike]) -> list[str]:
-    """Pipeline folders (holding model_index.json) below ComfyUI's `diffusers` model folders, relative to them."""
+def diffusers_folders(roots: Iterable[str | os.PathLike], max_depth: int = 4) -> list[str]:
+    """Pipeline folders (holding model_index.json) below ComfyUI's `diffusers` model folders, relative to them,
+    at most `max_depth` levels down (links are followed, so a link cycle must not walk forever)."""
     found = set()
     for root in roots:
         root = Path(root)
@@ -117,6 +118,8 @@ def diffusers_folders(roots: Iterable[str | os.PathLike]) -> list[str]:
             continue
         for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
             dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            if len(Path(dirpath).relative_to(root).parts) >= max_depth:
+                dirnames[:] = []
             if "model_index.json" in filenames:
                 found.add(Path(dirpath).relative_to(root).as_posix())
                 dirnames[:] = []  # a pipeline's components are not pipelines
