@@ -107,3 +107,23 @@ def test_replay_accepts_a_bare_loss_log():
     lines = replay(config(), BASE, recs)
     assert [ln["start_step"] for ln in lines[:-1]] == [1000, 1200, 1400]
     assert lines[-1]["matches_recorded"] is None  # the log names no phases
+
+
+def test_replay_drives_a_validation_sourced_schedule_from_logged_val_loss(tmp_path):
+    ex = ExitCriteria(0.001, 0.0, 0.0, source="validation", val_window=5, val_rate_below=0.05)
+    cfg = ScheduleConfig(phases=(Phase("foundation", {"conv": 8.0}, 100, ex), Phase("emphasis", {"conv": 14.0}, 100, ex)))
+    path = tmp_path / "metrics_v.jsonl"
+    sched = AlphaScheduler(cfg, BASE)
+    with MetricsLog(path) as log:
+        for step in range(1, 601):
+            rec_val = None
+            if step % 10 == 0:  # validation falls until step 300, then is flat
+                rec_val = 0.1 + 0.05 * max(0.0, 300 - step) / 300
+                sched.observe_validation(step, rec_val)
+            tr = sched.update(step, 0.1, 0.6)
+            rec = _record(step, 0.1, 0.6, sched, event="transition" if tr else None, detail=tr)
+            rec["val_loss"] = rec_val
+            log.write(rec)
+    assert len(sched.history) == 1 and sched.history[0]["step"] > 300  # not while it still fell
+    lines = replay(cfg, BASE, read_records(path))
+    assert lines[1]["decided_at_step"] == sched.history[0]["step"]

@@ -60,6 +60,8 @@ def replay(schedule_config: ScheduleConfig, base_alphas: dict, records: list[dic
         used_losses += loss is not None
         stability_samples += stab is not None
         steps_per_phase[sched.phase.name] += 1
+        if rec.get("val_loss") is not None:  # the loop observes validation before the step's update
+            sched.observe_validation(rec["step"], rec["val_loss"])
         tr = sched.update(rec["step"], loss, stab)
         if tr is not None:
             lines.append({
