@@ -162,8 +162,7 @@ class Train(io.ComfyNode):
                                        progress=progress, interrupted=mm.processing_interrupted, log=log_line,
                                        accelerator=_accelerator_for_comfyui(mixed_precision))
         except InterruptedTraining as stop:
-            log_line(f"cancelled at step {stop.step}: checkpoint {stop.checkpoint_path}, partial LoRA "
-                     f"{stop.lora_path}; queue again with resume on to continue")
+            log_line(f"cancelled: queue again with resume on to continue from step {stop.step}")
             mm.throw_exception_if_processing_interrupted()  # ComfyUI's own interrupt (and it clears the flag)
             raise mm.InterruptProcessingException()
         finally:
