@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import json
 import os
+from glob import escape as glob_escape
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from .checkpoint import WRITE_ERRORS, pause_for_tests, write_error_text
+from .errors import TrainerError
 from .lora import LoRANetwork
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -31,16 +34,41 @@ def comfy_state_dict(network: LoRANetwork, family_cls, dtype: torch.dtype = torc
     return sd
 
 
+def _remove_stale_temps(path: Path) -> None:
+    """Temporary files of earlier writers of `path` that were killed before their rename (never our own)."""
+    mine = f".{path.name}.tmp-{os.getpid()}"
+    for p in path.parent.glob(f".{glob_escape(path.name)}.tmp-*"):
+        pid = p.name.rsplit("-", 1)[-1]
+        if p.name != mine and pid.isdigit() and not _pid_alive(int(pid)):
+            p.unlink(missing_ok=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists but is not ours (EPERM), or cannot tell: leave its file alone
+        return True
+    return True
+
+
 def atomic_save_safetensors(tensors: dict, path: Path, metadata: dict | None = None) -> Path:
-    """Write to a temporary name in the same folder, fsync, then rename: a reader never sees half a file."""
+    """Write to a temporary name in the same folder, fsync, then rename: a reader never sees half a file, and a
+    failed write (disk full, kill) leaves the previous file as it was. Raises TrainerError naming the file."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_temps(path)
         save_file(tensors, str(tmp), metadata=metadata)
+        pause_for_tests()
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except WRITE_ERRORS as e:
+        before = "is unchanged" if path.exists() else "was not created"
+        raise TrainerError(f"cannot write {path} ({write_error_text(e, path.parent)}); {path.name} {before}") from e
     finally:
         if tmp.exists():
             tmp.unlink()

@@ -11,7 +11,9 @@ import difflib
 import hashlib
 import json
 import math
+import os
 import re
+import reprlib
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -32,6 +34,8 @@ PRESET_EXITS = {
     "image": ExitCriteria(0.001, 0.55, 0.1),
 }
 PRESET_PHASES = (("foundation", 8.0, 2000), ("balance", 14.0, 3000), ("emphasis", 20.0, 2000))
+_REPR = reprlib.Repr()
+_REPR.maxstring, _REPR.maxother, _REPR.maxlist, _REPR.maxdict, _REPR.maxlevel = 120, 60, 8, 8, 3
 
 
 @dataclass
@@ -150,6 +154,14 @@ class Job:
 # ---------------------------------------------------------------- reading helpers
 
 
+def _show(v: Any) -> str:
+    """A bounded repr for error messages: a job file may hold huge or deeply shared values."""
+    try:
+        return _REPR.repr(v)
+    except ValueError:  # an int too long to print (Python's 4300-digit limit)
+        return "a value too long to show"
+
+
 def _keys(data: Any, path: str, allowed: tuple, required: tuple = ()) -> dict:
     if data is None:
         data = {}
@@ -159,7 +171,8 @@ def _keys(data: Any, path: str, allowed: tuple, required: tuple = ()) -> dict:
         if k not in allowed:
             near = difflib.get_close_matches(str(k), allowed, n=1)
             hint = f" (did you mean '{near[0]}'?)" if near else ""
-            raise JobError(_join(path, k), f"unknown key{hint}; allowed keys: {', '.join(allowed)}")
+            shown = k if str(k).strip() else _show(k)  # an empty or blank key still gets a visible field name
+            raise JobError(_join(path, shown), f"unknown key {_show(k)}{hint}; allowed keys: {', '.join(allowed)}")
     for k in required:
         if data.get(k) is None:
             raise JobError(_join(path, k), "is required")
@@ -174,10 +187,10 @@ def _int(data: dict, key: str, path: str, default: int, lo: int | None = None) -
     v = data.get(key, default)
     f = _join(path, key)
     if isinstance(v, bool) or not isinstance(v, (int, float)) or (isinstance(v, float) and not v.is_integer()):
-        raise JobError(f, f"must be a whole number; got {v!r}")
+        raise JobError(f, f"must be a whole number; got {_show(v)}")
     v = int(v)
     if lo is not None and v < lo:
-        raise JobError(f, f"must be >= {lo}; got {v}")
+        raise JobError(f, f"must be >= {lo}; got {_show(v)}")
     return v
 
 
@@ -190,8 +203,13 @@ def _float(data: dict, key: str, path: str, default: float, lo: float | None = N
             v = float(v)
         except ValueError:
             pass
+    if isinstance(v, int) and not isinstance(v, bool):
+        try:
+            v = float(v)
+        except OverflowError:
+            raise JobError(f, f"must be a finite number; got {_show(v)}, which is too large") from None
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-        raise JobError(f, f"must be a finite number; got {v!r}")
+        raise JobError(f, f"must be a finite number; got {_show(v)}")
     v = float(v)
     if lo is not None and (v <= lo if lo_open else v < lo):
         raise JobError(f, f"must be {'>' if lo_open else '>='} {lo:g}; got {v:g}")
@@ -203,14 +221,14 @@ def _float(data: dict, key: str, path: str, default: float, lo: float | None = N
 def _bool(data: dict, key: str, path: str, default: bool) -> bool:
     v = data.get(key, default)
     if not isinstance(v, bool):
-        raise JobError(_join(path, key), f"must be true or false; got {v!r}")
+        raise JobError(_join(path, key), f"must be true or false; got {_show(v)}")
     return v
 
 
 def _choice(data: dict, key: str, path: str, default: str, choices: tuple) -> str:
     v = data.get(key, default)
     if not isinstance(v, str) or v.lower() not in choices:
-        raise JobError(_join(path, key), f"must be one of {', '.join(choices)}; got {v!r}")
+        raise JobError(_join(path, key), f"must be one of {', '.join(choices)}; got {_show(v)}")
     return v.lower()
 
 
@@ -219,7 +237,7 @@ def _str(data: dict, key: str, path: str, default: str | None = None, required: 
     if v is None and not required:
         return None
     if not isinstance(v, str) or (required and not v.strip()):
-        raise JobError(_join(path, key), f"must be a non-empty text; got {v!r}")
+        raise JobError(_join(path, key), f"must be a non-empty text; got {_show(v)}")
     return v
 
 
@@ -230,7 +248,7 @@ def _str_list(data: dict, key: str, path: str) -> list:
     if isinstance(v, str):
         v = [v]
     if not isinstance(v, list) or not all(isinstance(s, str) and s for s in v):
-        raise JobError(_join(path, key), f"must be a list of non-empty texts; got {v!r}")
+        raise JobError(_join(path, key), f"must be a list of non-empty texts; got {_show(v)}")
     return list(v)
 
 
@@ -243,7 +261,7 @@ def _model(data: Any) -> ModelConfig:
     d = _keys(data, "model", ("family", "path", "dtype"), required=("family", "path"))
     fam = d["family"]
     if not isinstance(fam, str) or fam not in FAMILIES:
-        raise JobError("model.family", f"unknown family {fam!r}; use one of {', '.join(sorted(FAMILIES))}")
+        raise JobError("model.family", f"unknown family {_show(fam)}; use one of {', '.join(sorted(FAMILIES))}")
     return ModelConfig(family=fam, path=_str(d, "path", "model", required=True),
                        dtype=_choice(d, "dtype", "model", "bf16", DTYPES))
 
@@ -255,20 +273,21 @@ def _dataset(data: Any, path: str, family_cls) -> DatasetConfig:
     if isinstance(res, int) and not isinstance(res, bool):
         res = [res]
     if not isinstance(res, list) or not res or not all(isinstance(r, int) and not isinstance(r, bool) for r in res):
-        raise JobError(_join(path, "resolution"), f"must be a whole number or a list of them; got {res!r}")
+        raise JobError(_join(path, "resolution"), f"must be a whole number or a list of them; got {_show(res)}")
     factor = family_cls.resolution_factor
     for r in res:
         if r < factor or r % factor:
+            nearest = max(factor, (r + factor // 2) // factor * factor)  # integer math: r may be huge
             raise JobError(_join(path, "resolution"),
-                           f"{r} is not a positive multiple of {factor}, which {family_cls.name} needs "
-                           f"(VAE and patch size); try {max(factor, round(r / factor) * factor)}")
+                           f"{_show(r)} is not a positive multiple of {factor}, which {family_cls.name} needs "
+                           f"(VAE and patch size); try {_show(nearest)}")
     frames = _int(d, "num_frames", path, 1, lo=1)
     if not family_cls.valid_num_frames(frames):
-        raise JobError(_join(path, "num_frames"), f"{frames} is not allowed for {family_cls.name}: "
+        raise JobError(_join(path, "num_frames"), f"{_show(frames)} is not allowed for {family_cls.name}: "
                                                   f"use {family_cls.num_frames_rule()}")
     ext = _str(d, "caption_ext", path, "txt", required=True).lstrip(".")
     if "/" in ext or "\\" in ext:
-        raise JobError(_join(path, "caption_ext"), f"must be a file extension like 'txt'; got {ext!r}")
+        raise JobError(_join(path, "caption_ext"), f"must be a file extension like 'txt'; got {_show(ext)}")
     do_i2v = _bool(d, "do_i2v", path, False)
     if do_i2v and not getattr(family_cls, "supports_i2v", False):
         raise JobError(_join(path, "do_i2v"), f"{family_cls.name} has no first-frame (image) conditioning; remove "
@@ -309,7 +328,7 @@ def _phases(data: Any, path: str, group: str, base_exit: ExitCriteria) -> list:
     out = []
     for name, spec in data.items():
         p = _join(path, name)
-        if not isinstance(name, str) or not NAME_RE.match(name):
+        if not isinstance(name, str) or not NAME_RE.fullmatch(name):
             raise JobError(p, "a phase name must be letters, digits, '_', '-' or '.'")
         d = _keys(spec, p, ("alpha", "min_steps", "exit_criteria"))
         if d.get("alpha") is None:
@@ -331,7 +350,7 @@ def _schedule(data: Any, path: str, net: NetworkConfig, family_cls, has_validati
                                                   "supported yet; use conv_alpha_phases or linear_alpha_phases")
     preset = d.get("preset")
     if preset is not None and preset not in PRESET_EXITS:
-        raise JobError(_join(path, "preset"), f"must be one of {', '.join(PRESET_EXITS)}; got {preset!r}")
+        raise JobError(_join(path, "preset"), f"must be one of {', '.join(PRESET_EXITS)}; got {_show(preset)}")
     base_exit = PRESET_EXITS.get(preset, ExitCriteria())
     if preset is not None and has_validation:
         # With a validation section the preset's phases end on a validation-loss plateau: the training loss
@@ -381,8 +400,11 @@ def _schedule(data: Any, path: str, net: NetworkConfig, family_cls, has_validati
     dup = {n for n in names if names.count(n) > 1}
     if dup:
         raise JobError(path, f"duplicate phase names: {', '.join(sorted(dup))}")
-    cfg = ScheduleConfig(phases=tuple(phases), ramp_steps=_int(d, "ramp_steps", path, 0, lo=0),
-                         window=_int(d, "window", path, 200, lo=20))
+    window = _int(d, "window", path, 200, lo=20)
+    # A phase needs min_losses losses in its window before it may end; a window smaller than that default
+    # lowers the requirement to the window (else no phase could ever end, and the scheduler refuses it).
+    cfg = ScheduleConfig(phases=tuple(phases), ramp_steps=_int(d, "ramp_steps", path, 0, lo=0), window=window,
+                         min_losses=min(ScheduleConfig.min_losses, window))
     transition = d.get("transition")
     if transition is not None:
         transition = _choice(d, "transition", path, "jump", TRANSITIONS)
@@ -406,7 +428,7 @@ def _network(data: Any, family_cls, has_validation: bool = False) -> NetworkConf
     path = "network"
     d = _keys(data, path, tuple(f for f in NetworkConfig.__dataclass_fields__))
     if d.get("type", "lora") != "lora":
-        raise JobError("network.type", f"only 'lora' is supported; got {d.get('type')!r}")
+        raise JobError("network.type", f"only 'lora' is supported; got {_show(d.get('type'))}")
     linear = _int(d, "linear", path, 16, lo=0)
     conv = _int(d, "conv", path, 0, lo=0)
     if linear == 0 and conv == 0:
@@ -459,7 +481,7 @@ def _save(data: Any, steps: int) -> SaveConfig:
     if resume is False or resume in ("none", "", "no"):
         resume = None
     if resume is not None and not isinstance(resume, str):
-        raise JobError("save.resume", f"must be 'latest', 'none' or a checkpoint folder path; got {resume!r}")
+        raise JobError("save.resume", f"must be 'latest', 'none' or a checkpoint folder path; got {_show(resume)}")
     return SaveConfig(every=_int(d, "every", p, min(500, steps), lo=1), keep_last=_int(d, "keep_last", p, 3, lo=1),
                       resume=resume)
 
@@ -485,8 +507,8 @@ def _validation(data: Any) -> ValidationConfig | None:
 
 
 def validate_name(name: Any, field_name: str = "job") -> str:
-    if not isinstance(name, str) or not NAME_RE.match(name) or ".." in name:
-        raise JobError(field_name, f"{name!r} is not a usable name: use letters, digits, '_', '-', '.' (no path "
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name) or ".." in name:
+        raise JobError(field_name, f"{_show(name)} is not a usable name: use letters, digits, '_', '-', '.' (no path "
                                    "separators, no '..', at most 128 characters)")
     return name
 
@@ -512,30 +534,41 @@ def parse_job(data: Any, base_dir: str | Path | None = None, *, require_datasets
     save = _save(d.get("save", {}), train.steps)
     out = d.get("output_dir", f"./output/{name}")
     if not isinstance(out, str) or not out:
-        raise JobError("output_dir", f"must be a folder path; got {out!r}")
+        raise JobError("output_dir", f"must be a folder path; got {_show(out)}")
 
     base = Path(base_dir) if base_dir is not None else None
 
-    def resolve(p: str) -> str:
-        q = Path(p).expanduser()
+    def resolve(p: str, field_name: str) -> str:
+        _check_path_text(p, field_name)
+        try:
+            q = Path(p).expanduser()
+        except RuntimeError:  # "~user/..." for an unknown user, or no home folder
+            raise JobError(field_name, f"cannot expand '~' in {_show(p)} (unknown user or no home folder); "
+                                       "write the full path") from None
         return str(q if q.is_absolute() or base is None else (base / q))
 
-    for ds in datasets:
-        ds.folder_path = resolve(ds.folder_path)
+    for i, ds in enumerate(datasets):
+        ds.folder_path = resolve(ds.folder_path, f"datasets[{i}].folder_path")
+    _check_path_text(model.path, "model.path")
     if _looks_like_path(model.path):
-        model.path = resolve(model.path)
+        model.path = resolve(model.path, "model.path")
     if save.resume not in (None, "latest"):
-        save.resume = resolve(save.resume)
+        save.resume = resolve(save.resume, "save.resume")
     if validation is not None and validation.folder_path:
-        q = Path(validation.folder_path).expanduser()
-        validation.folder_path = str(q if q.is_absolute() or base is None else base / q)
-    return Job(job=name, output_dir=resolve(out), model=model, datasets=datasets, network=network, train=train,
-               save=save, source=data, validation=validation)
+        validation.folder_path = resolve(validation.folder_path, "validation.folder_path")
+    return Job(job=name, output_dir=resolve(out, "output_dir"), model=model, datasets=datasets, network=network,
+               train=train, save=save, source=data, validation=validation)
+
+
+def _check_path_text(p: str, field_name: str) -> None:
+    if "\x00" in p:
+        raise JobError(field_name, f"{_show(p)} contains a NUL character, which no file system accepts")
 
 
 def _looks_like_path(p: str) -> bool:
     """A hub id is 'owner/name'; anything else (./x, /x, x/y/z, an existing folder) is a local path."""
-    return (p.startswith((".", "/", "~")) or p.count("/") != 1 or Path(p).exists()
+    # os.path.exists, not Path.exists: it answers False for names the OS rejects (too long) instead of raising
+    return (p.startswith((".", "/", "~")) or p.count("/") != 1 or os.path.exists(p)
             or re.match(r"^[A-Za-z]:[\\/]", p) is not None)
 
 
@@ -547,11 +580,53 @@ def load_job(path: str | Path) -> Job:
         raise JobError("", f"job file {path} does not exist") from None
     except UnicodeDecodeError:
         raise JobError("", f"job file {path} is not UTF-8 text; save it as UTF-8") from None
+    except OSError as e:
+        raise JobError("", f"cannot read job file {path} ({e.strerror or e})") from None
+    return parse_job(read_job_text(text, str(path)), base_dir=path.parent)
+
+
+def read_job_text(text: str, source: str = "the job file"):
+    """The mapping in a YAML/JSON job text. A key given twice in one mapping is an error (PyYAML would
+    silently keep the last one, e.g. the second of two phases with the same name)."""
+    loader = yaml.SafeLoader(text)
     try:
-        data = yaml.safe_load(text)
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _check_duplicate_keys(node, "", source, set())
+        return loader.construct_document(node)
     except yaml.YAMLError as e:
-        raise JobError("", f"job file {path} is not valid YAML/JSON: {e}") from None
-    return parse_job(data, base_dir=path.parent)
+        raise JobError("", f"{source} is not valid YAML/JSON: {e}") from None
+    except RecursionError:
+        raise JobError("", f"{source} is nested too deeply to read") from None
+    except ValueError as e:  # an integer with more digits than Python converts, a date like 2024-13-45
+        reason = str(e).split(";")[0]  # drop Python's advice on raising its own digit limit
+        raise JobError("", f"{source} holds a value that cannot be read ({reason}); fix that value") from None
+    finally:
+        loader.dispose()
+
+
+def _check_duplicate_keys(node, path: str, source: str, seen_nodes: set) -> None:
+    if id(node) in seen_nodes:  # an alias: checked where its anchor is (and anchors may be recursive)
+        return
+    seen_nodes.add(id(node))
+    if isinstance(node, yaml.MappingNode):
+        lines: dict = {}
+        for key, value in node.value:
+            if isinstance(key, yaml.ScalarNode) and key.tag != "tag:yaml.org,2002:merge":
+                field_name = _join(path, key.value)
+                line = key.start_mark.line + 1
+                if key.value in lines:
+                    raise JobError(field_name, f"is given twice in {source} (lines {lines[key.value]} and {line}); "
+                                               "YAML would silently keep only the last one. Remove one, or rename "
+                                               "it (phase names must differ)")
+                lines[key.value] = line
+                _check_duplicate_keys(value, field_name, source, seen_nodes)
+            else:
+                _check_duplicate_keys(value, path, source, seen_nodes)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _check_duplicate_keys(item, f"{path}[{i}]", source, seen_nodes)
 
 
 def job_to_dict(job: Job) -> dict:

@@ -19,7 +19,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 
 from . import checkpoint as ckpt
-from .errors import InterruptedTraining, TrainerError
+from .errors import CheckpointError, InterruptedTraining, TrainerError
 from .export import comfy_state_dict, lora_metadata, save_lora
 from .health import DEFAULT_EVERY as HEALTH_EVERY, HealthMonitor
 from .families import get_family
@@ -150,6 +150,15 @@ def train(job: Job, callbacks: Callbacks | None = None, *, family=None, training
     """Run a job. `family` (a loaded ModelFamily) and `training_set` (a built TrainingSet) may be given by a
     caller that already has them; `extra_items` (MediaItems, e.g. from ComfyUI IMAGE batches) are trained
     beside the job's dataset folders. `lora_path` overrides where the final LoRA goes."""
+    undo = []  # run on every exit, error or not: a caller's model (ComfyUI keeps it) must not keep our LoRA hooks
+    try:
+        return _train(job, callbacks, family, training_set, extra_items, lora_path, accelerator, undo)
+    finally:
+        for fn in reversed(undo):
+            fn()
+
+
+def _train(job, callbacks, family, training_set, extra_items, lora_path, accelerator, undo) -> TrainResult:
     cb = callbacks or Callbacks()
     t, s = job.train, job.save
     lora_path = Path(lora_path) if lora_path else job.lora_path
@@ -158,12 +167,16 @@ def train(job: Job, callbacks: Callbacks | None = None, *, family=None, training
                                              gradient_accumulation_steps=t.gradient_accumulation)
     device = accelerator.device
 
-    # ---- cheap checks first: the checkpoint to resume, the dataset files ----
+    # ---- cheap checks first: the checkpoint to resume, the model folder's configs, the dataset files ----
+    ckpt.check_owner(job.checkpoint_dir, job.job)
     resume_from = ckpt.find_resume(job.checkpoint_dir, s.resume)
-    resume_state = None
+    bundle = None
     if resume_from is not None:
-        resume_state = ckpt.read_state(resume_from)
-        ckpt.check_compatible(resume_state, resume_from, job_name=job.job, signature=job.network_signature())
+        ckpt.check_compatible(ckpt.read_state(resume_from), resume_from, job_name=job.job,
+                              signature=job.network_signature())
+        bundle = ckpt.load_bundle(resume_from)  # small next to the model: a bad file shows before any loading
+    if family is None and hasattr(family_cls, "check_folder"):
+        family_cls.check_folder(job.model.path)  # configs only: "not this family" in a second
     from .data.training_set import TrainingSet, scan_datasets
 
     items = None
@@ -206,6 +219,7 @@ def train(job: Job, callbacks: Callbacks | None = None, *, family=None, training
         scheduler = AlphaScheduler(net_cfg.alpha_schedule, net_cfg.base_alphas())
         network.set_alphas(scheduler.alphas())
     network.apply_to()
+    undo.append(network.remove)
     params = network.trainable_parameters()
     cb.log(f"LoRA: {counts['linear']} linear + {counts['conv']} conv modules, {network.num_parameters():,} parameters")
 
@@ -231,9 +245,14 @@ def train(job: Job, callbacks: Callbacks | None = None, *, family=None, training
 
     # ---- resume ----
     if resume_from is not None:
-        bundle = ckpt.load_bundle(resume_from)
-        network.load_state_dict(bundle["lora"])
-        optimizer.load_state_dict(bundle["optimizer"])
+        try:
+            network.load_state_dict(bundle["lora"])
+            optimizer.load_state_dict(bundle["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise CheckpointError(f"{resume_from}: its LoRA or optimizer state does not fit this model ({reason}); "
+                                  "it was made with another model. Resume with that model, or set resume: none "
+                                  "to start fresh") from None
         lr_scheduler.load_state_dict(bundle["lr_scheduler"])
         _restore_rng(bundle["rng"], noise_gen, data_gen, stability)
         st = bundle["state"]
@@ -248,7 +267,12 @@ def train(job: Job, callbacks: Callbacks | None = None, *, family=None, training
         if best_path is not None and best_path.exists():
             best_file = best_path
         cb.log(f"resumed from {resume_from} at step {step}")
+    if resume_from is None:
+        moved = ckpt.set_aside(job.checkpoint_dir)  # a fresh run neither mixes with nor prunes an old run's
+        if moved is not None:
+            cb.log(f"starting fresh: the earlier checkpoints were moved to {moved}")
     log = MetricsLog(job.metrics_path, resume_from_step=step if resume_from is not None else None)
+    undo.append(log.close)
     records = read_records(job.metrics_path) if resume_from is not None else []
 
     def checkpoint_now() -> Path:
@@ -264,7 +288,11 @@ def train(job: Job, callbacks: Callbacks | None = None, *, family=None, training
         meta = lora_metadata(family, network, step=step, phase=scheduler.phase.name if scheduler else None,
                              history=scheduler.history if scheduler else [], dataset_summary=training_set.summary(),
                              job_name=job.job)
-        return save_lora(path, network, family, meta)
+        try:
+            return save_lora(path, network, family, meta)
+        except TrainerError as e:
+            raise TrainerError(f"{e}. The trained weights are safe in the checkpoint {last_ckpt}: run the job again "
+                               "(save.resume: latest) to write the LoRA") from e
 
     def emit(record: dict) -> None:
         record.update(health.counters())
