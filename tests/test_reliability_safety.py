@@ -12,12 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from fixtures_models import tiny_sd15_path, tiny_wan21_path  # noqa: F401
+import fixtures_models
+from fixtures_models import *  # noqa: F401,F403 (the tiny model folder fixtures)
 from tests.reliability_helpers import REPO, Quiet, network_guard, no_network  # noqa: F401
 from trainer import checkpoint as ckpt
 from trainer.demo import make_images
 from trainer.errors import CheckpointError, ModelError
-from trainer.families import get_family
+from trainer.families import FAMILIES, get_family
 from trainer.job import parse_job
 from trainer.loop import train
 
@@ -136,11 +137,16 @@ def test_the_scan_would_see_an_unsafe_call(tmp_path):
 
 # ---- no network for local folders ----
 
-@pytest.mark.parametrize("family_name", ["sd15", "wan21"])
-def test_local_model_folders_load_without_network(family_name, tiny_sd15_path, tiny_wan21_path, no_network):
-    folder = {"sd15": tiny_sd15_path, "wan21": tiny_wan21_path}[family_name]
-    family = get_family(family_name).load(str(folder), dtype=torch.float32)
-    assert family.denoiser is not None  # the fixture asserts that no connection or DNS lookup was attempted
+@pytest.mark.parametrize("family_name", sorted(FAMILIES))
+def test_local_model_folders_load_without_network(family_name, request):
+    fixture = f"tiny_{family_name}_path"
+    if fixture not in fixtures_models.__dict__:
+        pytest.skip(f"no {fixture} fixture in tests/fixtures_models.py")
+    folder = request.getfixturevalue(fixture)
+    with network_guard() as attempts:
+        family = get_family(family_name).load(str(folder), dtype=torch.float32)
+    assert family.denoiser is not None
+    assert attempts == [], f"loading a local {family_name} folder tried the network: {attempts}"
 
 
 def test_a_whole_run_on_a_local_folder_makes_no_network_request(tiny_sd15_path, tmp_path, no_network):
