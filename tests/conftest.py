@@ -9,3 +9,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 # results independent of the machine's core count.
 torch.set_num_threads(1)
 
+
+# CI runs the property tests on a fixed sequence of examples: a red CI must be reproducible on a laptop.
+try:
+    import os
+
+    from hypothesis import settings
+
+    settings.register_profile("ci", derandomize=True, deadline=None, print_blob=True)
+    if os.environ.get("CI"):
+        settings.load_profile("ci")
+except ImportError:  # hypothesis is a test requirement; its absence fails the tests that use it, not all
+    pass

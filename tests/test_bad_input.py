@@ -189,7 +189,7 @@ RUN_CASES = {
                                ["clip.mp4", "still images", "video model family"]),
     "video-corrupt": ("wan21", case_corrupt_video, None, DatasetError, ["broken.mp4", "cannot open this video"]),
     "video-zero-bytes": ("wan21", case_zero_byte_video, None, DatasetError, ["empty.mov", "0 bytes"]),
-    "video-truncated-mp4": ("wan21", case_truncated_mp4, None, DatasetError, ["cut.mp4", "no video stream"]),
+    "video-truncated-mp4": ("wan21", case_truncated_mp4, None, DatasetError, ["cut.mp4", "no readable video stream", "truncated"]),
     "video-truncated-mkv": ("wan21", case_truncated_mkv_too_short, None, DatasetError,
                             ["cut.mkv", "4 frames", "num_frames=5"]),
     "video-unknown-type": ("wan21", case_unknown_video_type, None, DatasetError, ["notes.mkv", "cannot open"]),

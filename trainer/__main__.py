@@ -87,6 +87,9 @@ def main(argv=None) -> int:
     except TrainerError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl+C before the loop's own handler is in place (loading, encoding)
+        print("interrupted before training started; nothing was written", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -181,7 +181,7 @@ def _train(job, callbacks, family, training_set, extra_items, lora_path, acceler
 
     items = None
     if training_set is None:
-        items = scan_datasets(job.datasets, family_cls, log=cb.log) + list(extra_items or [])
+        items = scan_datasets(list(job.datasets) + list(extra_items or []), family_cls, log=cb.log)
         if not items:
             raise TrainerError("datasets: nothing to train on; give a dataset folder or images")
 
@@ -339,6 +339,7 @@ def _train(job, callbacks, family, training_set, extra_items, lora_path, acceler
                 # a NaN/Inf loss or gradient: skip the update, keep the last good weights
                 optimizer.zero_grad(set_to_none=True)
                 bad_steps += 1
+                stability.undo()
                 health.count(loss_v, norm_v)
                 emit(_record(step, loss_v, None, norm_v, lr, optimizer, scheduler, network, event="nan_skip",
                              detail={"consecutive": bad_steps}))

@@ -92,6 +92,12 @@ def _events(record: dict) -> list[str]:
     return [ev] if isinstance(ev, str) else list(ev)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _atomic_write_text(path: Path, text: str) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -99,6 +105,7 @@ def _atomic_write_text(path: Path, text: str) -> None:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; the log is as readable as any file we write
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

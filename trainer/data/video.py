@@ -77,7 +77,8 @@ def probe_video(path: str | Path) -> VideoInfo:
     container = _open(path)
     try:
         if not container.streams.video:
-            raise DatasetError(path, "the file has no video stream")
+            raise DatasetError(path, "the file has no readable video stream (truncated, or not a video); "
+                                     "re-export it or remove it")
         stream = container.streams.video[0]
         pts_values: list[int] = []
         keyframes: list[int] = []

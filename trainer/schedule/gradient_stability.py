@@ -32,6 +32,13 @@ class GradientSignAgreement:
         # launches per parameter cost ~1 ms a step on a CPU, several percent of a small model's step.
         self._flat: torch.Tensor | None = None
         self._shapes: list | None = None
+        self._undo = None
+
+    def undo(self) -> None:
+        """Forget the last update: a step skipped for a NaN/Inf gradient must not become the reference signs."""
+        if self._undo is not None:
+            self._prev, self._flat, self._shapes = self._undo
+            self._undo = None
 
     def update(self, params: Iterable[torch.nn.Parameter]) -> torch.Tensor | None:
         """Compare every parameter's gradient sign with its previous one and store the new signs.
@@ -39,6 +46,7 @@ class GradientSignAgreement:
         ``params`` must be the same parameters in the same order on every call (the LoRA parameter list).
         Returns None when nothing could be compared yet (first step).
         """
+        self._undo = (dict(self._prev), self._flat, self._shapes)
         grads = [p.grad for p in params]
         if grads and all(g is not None for g in grads) and len({g.device for g in grads}) == 1:
             return self._update_flat(grads)
