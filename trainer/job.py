@@ -43,6 +43,9 @@ class ModelConfig:
     family: str
     path: str
     dtype: str = "bf16"
+    # two-expert families (Wan 2.2 A14B): which experts get a LoRA
+    train_high_noise: bool = True
+    train_low_noise: bool = True
 
 
 @dataclass
@@ -72,6 +75,12 @@ class NetworkConfig:
     ignore_if_contains: list = field(default_factory=list)
     dropout: float = 0.0
     alpha_schedule: ScheduleConfig | None = None
+    # two-expert families: a schedule per expert (the seed's per_expert form); an expert not listed here
+    # follows alpha_schedule, with its own state
+    alpha_schedule_per_expert: dict = field(default_factory=dict)
+
+    def schedule_for(self, expert: str | None) -> ScheduleConfig | None:
+        return self.alpha_schedule_per_expert.get(expert, self.alpha_schedule)
 
     def base_alphas(self) -> dict:
         return {"linear": float(self.linear_alpha), "conv": float(self.conv_alpha)}
@@ -91,6 +100,9 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     mixed_precision: str = "auto"
     max_bad_steps: int = 5
+    # two-expert families: train one expert for this many steps, then the other (only the active expert needs
+    # to be on the GPU, so a switch moves weights: not every step)
+    switch_boundary_every: int = 100
 
 
 @dataclass
@@ -146,8 +158,13 @@ class Job:
         sched = None
         if n.alpha_schedule is not None:
             sched = [(p.name, sorted(p.alphas.items())) for p in n.alpha_schedule.phases]
+        per_expert = {e: [(p.name, sorted(p.alphas.items())) for p in c.phases]
+                      for e, c in sorted(n.alpha_schedule_per_expert.items())}
+        experts = [e for e, on in (("high_noise", self.model.train_high_noise),
+                                   ("low_noise", self.model.train_low_noise)) if on]
         blob = json.dumps([self.model.family, n.type, n.linear, n.conv, n.only_if_contains,
-                           n.ignore_if_contains, sched], sort_keys=True, default=str)
+                           n.ignore_if_contains, sched] + ([per_expert, experts] if per_expert or len(experts) < 2
+                                                           else []), sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -258,12 +275,26 @@ def _str_list(data: dict, key: str, path: str) -> list:
 def _model(data: Any) -> ModelConfig:
     from .families import FAMILIES
 
-    d = _keys(data, "model", ("family", "path", "dtype"), required=("family", "path"))
+    d = _keys(data, "model", ("family", "path", "dtype", "train_high_noise", "train_low_noise"),
+              required=("family", "path"))
     fam = d["family"]
     if not isinstance(fam, str) or fam not in FAMILIES:
         raise JobError("model.family", f"unknown family {_show(fam)}; use one of {', '.join(sorted(FAMILIES))}")
-    return ModelConfig(family=fam, path=_str(d, "path", "model", required=True),
-                       dtype=_choice(d, "dtype", "model", "bf16", DTYPES))
+    m = ModelConfig(family=fam, path=_str(d, "path", "model", required=True),
+                    dtype=_choice(d, "dtype", "model", "bf16", DTYPES),
+                    train_high_noise=_bool(d, "train_high_noise", "model", True),
+                    train_low_noise=_bool(d, "train_low_noise", "model", True))
+    given = [k for k in ("train_high_noise", "train_low_noise") if k in d]
+    if given:
+        from .families import get_family
+
+        if not getattr(get_family(fam), "experts_names", None):
+            raise JobError(f"model.{given[0]}", f"only for two-expert families (wan22_14b, wan22_14b_i2v); "
+                                                f"{fam} has one denoiser")
+        if not (m.train_high_noise or m.train_low_noise):
+            raise JobError("model.train_low_noise", "train_high_noise and train_low_noise are both false: nothing "
+                                                    "would be trained")
+    return m
 
 
 def _dataset(data: Any, path: str, family_cls) -> DatasetConfig:
@@ -345,9 +376,6 @@ def _schedule(data: Any, path: str, net: NetworkConfig, family_cls, has_validati
                            "preset", "window", "per_expert", "mode", "transition"))
     if not _bool(d, "enabled", path, True):
         return None, None
-    if d.get("per_expert") is not None:
-        raise JobError(_join(path, "per_expert"), "needs a two-expert family (Wan 2.2 A14B), which is not "
-                                                  "supported yet; use conv_alpha_phases or linear_alpha_phases")
     preset = d.get("preset")
     if preset is not None and preset not in PRESET_EXITS:
         raise JobError(_join(path, "preset"), f"must be one of {', '.join(PRESET_EXITS)}; got {_show(preset)}")
@@ -443,13 +471,58 @@ def _network(data: Any, family_cls, has_validation: bool = False) -> NetworkConf
         dropout=_float(d, "dropout", path, 0.0, lo=0.0, hi=0.9),
     )
     if d.get("alpha_schedule") is not None:
-        sched, linear_override = _schedule(d["alpha_schedule"], "network.alpha_schedule", net, family_cls,
-                                           has_validation)
+        raw = d["alpha_schedule"]
+        per_expert = raw.get("per_expert") if isinstance(raw, dict) else None
+        top = raw
+        if per_expert is not None:
+            net.alpha_schedule_per_expert = _per_expert(per_expert, raw, net, family_cls, has_validation)
+            top = {k: v for k, v in raw.items() if k != "per_expert"}
+            if not any(top.get(k) is not None for k in ("conv_alpha_phases", "linear_alpha_phases", "preset")):
+                top = {**top, "enabled": False}  # only per-expert schedules
+        sched, linear_override = _schedule(top, "network.alpha_schedule", net, family_cls, has_validation)
         net.alpha_schedule = sched
         if linear_override is not None:
             # The seed's alpha_schedule.linear_alpha is the fixed alpha of linear layers while conv is scheduled.
             net.linear_alpha = linear_override
     return net
+
+
+def _per_expert(data: Any, parent: dict, net: NetworkConfig, family_cls, has_validation: bool) -> dict:
+    """The seed's form: per_expert: {high_noise: {phases: {...}}, low_noise: {...}}. Each expert's phases
+    schedule the same group as the top-level list (linear on Wan, which has no conv layers in its blocks);
+    `linear_alpha_phases` / `conv_alpha_phases` may also be given per expert. Shared keys (ramp_steps,
+    transition, window, preset) come from the parent."""
+    path = "network.alpha_schedule.per_expert"
+    experts = tuple(getattr(family_cls, "experts_names", None) or ())
+    if not experts:
+        raise JobError(path, f"only for two-expert families (wan22_14b, wan22_14b_i2v); {family_cls.name} has "
+                             "one denoiser: use conv_alpha_phases or linear_alpha_phases")
+    d = _keys(data, path, experts)
+    if "conv_alpha_phases" in parent:
+        group_key = "conv_alpha_phases"
+    elif "linear_alpha_phases" in parent or not family_cls.has_conv_targets(net.conv):
+        group_key = "linear_alpha_phases"
+    else:
+        group_key = "conv_alpha_phases"
+    shared = {k: v for k, v in parent.items()
+              if k in ("ramp_steps", "transition", "window", "preset", "linear_alpha", "mode")}
+    out = {}
+    for expert, spec in d.items():
+        p = _join(path, expert)
+        e = _keys(spec, p, ("phases", "linear_alpha_phases", "conv_alpha_phases"))
+        sub = dict(shared)
+        if e.get("phases") is not None:
+            sub[group_key] = e["phases"]
+        for k in ("linear_alpha_phases", "conv_alpha_phases"):
+            if e.get(k) is not None:
+                sub[k] = e[k]
+        try:
+            sched, _ = _schedule(sub, p, net, family_cls, has_validation)
+        except JobError as err:  # name the expert's own key, not the synthetic group key
+            raise JobError(err.field.replace(f"{p}.{group_key}", f"{p}.phases"), err.message) from None
+        if sched is not None:
+            out[expert] = sched
+    return out
 
 
 def _train(data: Any) -> TrainConfig:
@@ -468,6 +541,7 @@ def _train(data: Any) -> TrainConfig:
         gradient_checkpointing=_bool(d, "gradient_checkpointing", p, False),
         mixed_precision=_choice(d, "mixed_precision", p, "auto", MIXED_PRECISION),
         max_bad_steps=_int(d, "max_bad_steps", p, 5, lo=1),
+        switch_boundary_every=_int(d, "switch_boundary_every", p, 100, lo=1),
     )
     if t.warmup_steps >= t.steps and t.warmup_steps:
         raise JobError("train.warmup_steps", f"must be below train.steps ({t.steps}); got {t.warmup_steps}")
@@ -632,9 +706,9 @@ def _check_duplicate_keys(node, path: str, source: str, seen_nodes: set) -> None
 def job_to_dict(job: Job) -> dict:
     """A plain mapping that parse_job accepts again (used by the Export Job node and checkpoints)."""
     net = job.network
-    network = {k: v for k, v in asdict(net).items() if k != "alpha_schedule"}
-    if net.alpha_schedule is not None:
-        s = net.alpha_schedule
+    network = {k: v for k, v in asdict(net).items() if k not in ("alpha_schedule", "alpha_schedule_per_expert")}
+
+    def schedule_dict(s) -> dict:
         sched: dict = {"enabled": True, "ramp_steps": s.ramp_steps, "window": s.window}
         if s.transition is not None:
             sched["transition"] = s.transition
@@ -642,8 +716,19 @@ def job_to_dict(job: Job) -> dict:
             sched[f"{group}_alpha_phases"] = {
                 p.name: {"alpha": p.alphas[group], "min_steps": p.min_steps, "exit_criteria": asdict(p.exit)}
                 for p in s.phases}
-        network["alpha_schedule"] = sched
-    return {"job": job.job, "output_dir": job.output_dir, "model": asdict(job.model),
+        return sched
+
+    if net.alpha_schedule is not None:
+        network["alpha_schedule"] = schedule_dict(net.alpha_schedule)
+    if net.alpha_schedule_per_expert:
+        per = {e: {k: v for k, v in schedule_dict(c).items() if k.endswith("_alpha_phases")}
+               for e, c in net.alpha_schedule_per_expert.items()}
+        network.setdefault("alpha_schedule", {"enabled": True})["per_expert"] = per
+    model = asdict(job.model)
+    if job.model.train_high_noise and job.model.train_low_noise:
+        model.pop("train_high_noise")
+        model.pop("train_low_noise")
+    return {"job": job.job, "output_dir": job.output_dir, "model": model,
             "datasets": [asdict(d) for d in job.datasets], "network": network,
             "train": asdict(job.train), "save": asdict(job.save),
             **({"validation": asdict(job.validation)} if job.validation is not None else {})}
