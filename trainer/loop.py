@@ -59,6 +59,7 @@ class TrainResult:
     transitions: list = field(default_factory=list)
     best_lora_path: Path | None = None  # <job>_best.safetensors: the weights of the best validation loss
     stop_advice: dict | None = None  # the last suggest_stop detail, if the advice fired
+    lora_paths: dict = field(default_factory=dict)  # two-expert models: {expert: file}
 
 
 class _StopFlag:
@@ -124,19 +125,18 @@ def _make_optimizer(job: Job, params: list, device: torch.device) -> torch.optim
     return torch.optim.AdamW(params, lr=t.lr, fused=device.type == "cuda")
 
 
-def _rng_state(noise_gen: torch.Generator, data_gen: torch.Generator, stability) -> dict:
+def _rng_state(noise_gen: torch.Generator, data_gen: torch.Generator, stability: dict) -> dict:
     state = {"torch": torch.get_rng_state(), "noise_gen": noise_gen.get_state(), "data_gen": data_gen.get_state(),
-             "stability": stability.state_dict()}
+             "stability": stability}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
-def _restore_rng(state: dict, noise_gen, data_gen, stability) -> None:
+def _restore_rng(state: dict, noise_gen, data_gen) -> None:
     torch.set_rng_state(state["torch"])
     noise_gen.set_state(state["noise_gen"])
     data_gen.set_state(state["data_gen"])
-    stability.load_state_dict(state["stability"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
@@ -194,78 +194,77 @@ def _train(job, callbacks, family, training_set, extra_items, lora_path, acceler
         family = family_cls.load(job.model.path, dtype=TORCH_DTYPES[job.model.dtype], device=device)
     if training_set is None:
         training_set = TrainingSet.build(items, family, seed=t.seed, log=cb.log)
-    probe = build_probe(job, family, training_set, held_out, log=cb.log)  # held-out items need the encoders
+    experts = _experts_to_train(job, family)
+    probes = {e: build_probe(job, family, training_set, held_out, log=cb.log, **_expert_kw(family, e, "u_range"))
+              for e in experts}  # held-out items need the encoders; each expert is probed on its own timesteps
     family.release_encoders()
     weight_dtype = TORCH_DTYPES[job.model.dtype]
 
-    # ---- the LoRA network and its schedule ----
-    denoiser = family.denoiser
-    denoiser.requires_grad_(False)
-    if t.gradient_checkpointing and hasattr(denoiser, "enable_gradient_checkpointing"):
-        denoiser.enable_gradient_checkpointing()
-    net_cfg = job.network
-    torch.manual_seed(t.seed)  # LoRA init is part of the run's identity
-    network = LoRANetwork(family.target_modules(net_cfg.linear, net_cfg.conv), linear_rank=net_cfg.linear,
-                          linear_alpha=net_cfg.linear_alpha, conv_rank=net_cfg.conv, conv_alpha=net_cfg.conv_alpha,
-                          only_if_contains=net_cfg.only_if_contains, ignore_if_contains=net_cfg.ignore_if_contains,
-                          dropout=net_cfg.dropout).to(device)
-    counts = network.group_counts()
-    scheduler = None
-    if net_cfg.alpha_schedule is not None:
-        for group in net_cfg.alpha_schedule.groups:
-            if counts[group] == 0:
-                raise TrainerError(f"network.alpha_schedule: the {group} group is scheduled but no {group} module "
-                                   f"is trained (modules: {counts}); schedule the other group or widen the filters")
-        scheduler = AlphaScheduler(net_cfg.alpha_schedule, net_cfg.base_alphas())
-        network.set_alphas(scheduler.alphas())
-    network.apply_to()
-    undo.append(network.remove)
-    params = network.trainable_parameters()
-    cb.log(f"LoRA: {counts['linear']} linear + {counts['conv']} conv modules, {network.num_parameters():,} parameters")
-
-    optimizer = _make_optimizer(job, params, device)
+    # ---- one LoRA network, optimizer and alpha schedule per trained denoiser (two for Wan 2.2 A14B) ----
     from diffusers.optimization import get_scheduler
 
-    lr_scheduler = get_scheduler(t.lr_scheduler, optimizer, num_warmup_steps=t.warmup_steps,
-                                 num_training_steps=t.steps)
-    denoiser, optimizer, lr_scheduler = accelerator.prepare(denoiser, optimizer, lr_scheduler)
-    family.loaded.denoiser = denoiser
+    val_cfg = job.validation
+    torch.manual_seed(t.seed)  # LoRA init is part of the run's identity
+    units: dict = {}
+    for e in experts:
+        if e is not None:
+            family.activate(e, device)
+        denoiser = family.denoiser
+        denoiser.requires_grad_(False)
+        if t.gradient_checkpointing and hasattr(denoiser, "enable_gradient_checkpointing"):
+            denoiser.enable_gradient_checkpointing()
+        unit = _Unit.build(e, job, family, device, lora_path, cb)
+        unit.network.apply_to()
+        undo.append(unit.network.remove)
+        unit.optimizer = _make_optimizer(job, unit.params, device)
+        unit.lr_scheduler = get_scheduler(t.lr_scheduler, unit.optimizer, num_warmup_steps=t.warmup_steps,
+                                          num_training_steps=t.steps)
+        if e is None:
+            denoiser, unit.optimizer, unit.lr_scheduler = accelerator.prepare(denoiser, unit.optimizer,
+                                                                              unit.lr_scheduler)
+            family.loaded.denoiser = denoiser
+        else:  # an expert moves between devices as it takes turns: accelerate must not place it
+            unit.optimizer, unit.lr_scheduler = accelerator.prepare(unit.optimizer, unit.lr_scheduler)
+        unit.denoiser = denoiser
+        unit.probe = probes[e]
+        unit.advisor = StopAdvisor(val_cfg.patience, val_cfg.min_delta) if val_cfg is not None else None
+        unit.health = HealthMonitor(unit.network, every=val_cfg.every if val_cfg is not None else HEALTH_EVERY)
+        unit.best_path = (unit.lora_path.with_name(f"{unit.lora_path.stem}_best.safetensors")
+                          if val_cfg is not None and val_cfg.keep_best else None)
+        units[e] = unit
+    moe = experts != [None]
 
     noise_gen = torch.Generator().manual_seed(t.seed + 1)
     data_gen = torch.Generator().manual_seed(t.seed + 2)
-    stability = GradientSignAgreement()
-    val_cfg = job.validation
-    advisor = StopAdvisor(val_cfg.patience, val_cfg.min_delta) if val_cfg is not None else None
-    health = HealthMonitor(network, every=val_cfg.every if val_cfg is not None else HEALTH_EVERY)
-    best_path = (lora_path.with_name(f"{lora_path.stem}_best.safetensors")
-                 if val_cfg is not None and val_cfg.keep_best else None)
-    best_file, stop_advised = None, False
     data = _DataPosition(training_set, t.batch_size, t.seed)
-    step, bad_steps = 0, 0
+    step, bad_steps, stop_advised = 0, 0, False
 
     # ---- resume ----
     if resume_from is not None:
-        try:
-            network.load_state_dict(bundle["lora"])
-            optimizer.load_state_dict(bundle["optimizer"])
-        except (RuntimeError, ValueError, KeyError) as e:
-            reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            raise CheckpointError(f"{resume_from}: its LoRA or optimizer state does not fit this model ({reason}); "
-                                  "it was made with another model. Resume with that model, or set resume: none "
-                                  "to start fresh") from None
-        lr_scheduler.load_state_dict(bundle["lr_scheduler"])
-        _restore_rng(bundle["rng"], noise_gen, data_gen, stability)
+        for e, unit in units.items():
+            try:
+                unit.network.load_state_dict(_of(bundle["lora"], e, prefix=True))
+                unit.optimizer.load_state_dict(_of(bundle["optimizer"], e))
+            except (RuntimeError, ValueError, KeyError) as err:
+                reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+                raise CheckpointError(f"{resume_from}: its LoRA or optimizer state does not fit this model "
+                                      f"({reason}); it was made with another model. Resume with that model, or set "
+                                      "resume: none to start fresh") from None
+            unit.lr_scheduler.load_state_dict(_of(bundle["lr_scheduler"], e))
+            unit.stability.load_state_dict(_of(bundle["rng"]["stability"], e))
+            st = bundle["state"]
+            if unit.scheduler is not None:
+                unit.scheduler.load_state_dict(_of(st["scheduler"], e))
+                unit.network.set_alphas(unit.scheduler.alphas())
+            if unit.advisor is not None and _of(st.get("stop_advice"), e):
+                unit.advisor.load_state_dict(_of(st["stop_advice"], e))
+            unit.health.load_state_dict(_of(st.get("health"), e) or {})
+            if unit.best_path is not None and unit.best_path.exists():
+                unit.best_file = unit.best_path
+        _restore_rng(bundle["rng"], noise_gen, data_gen)
         st = bundle["state"]
         step, bad_steps = st["step"], st.get("bad_steps", 0)
         data = _DataPosition(training_set, t.batch_size, t.seed, **st["data"])
-        if scheduler is not None:
-            scheduler.load_state_dict(st["scheduler"])
-            network.set_alphas(scheduler.alphas())
-        if advisor is not None and st.get("stop_advice"):
-            advisor.load_state_dict(st["stop_advice"])
-        health.load_state_dict(st.get("health") or {})
-        if best_path is not None and best_path.exists():
-            best_file = best_path
         cb.log(f"resumed from {resume_from} at step {step}")
     if resume_from is None:
         moved = ckpt.set_aside(job.checkpoint_dir)  # a fresh run neither mixes with nor prunes an old run's
@@ -276,26 +275,36 @@ def _train(job, callbacks, family, training_set, extra_items, lora_path, acceler
     records = read_records(job.metrics_path) if resume_from is not None else []
 
     def checkpoint_now() -> Path:
+        def per(fn):
+            return fn(units[None]) if not moe else {e: fn(u) for e, u in units.items()}
+
+        lora = (units[None].network.state_dict() if not moe else
+                {f"{e}.{k}": v for e, u in units.items() for k, v in u.network.state_dict().items()})
         state = {"job": job.job, "signature": job.network_signature(), "data": data.state(), "bad_steps": bad_steps,
-                 "scheduler": scheduler.state_dict() if scheduler else None,
-                 "stop_advice": advisor.state_dict() if advisor else None, "health": health.state_dict()}
-        return ckpt.save_checkpoint(job.checkpoint_dir, step=step, lora=network.state_dict(),
-                                    optimizer=optimizer.state_dict(), lr_scheduler=lr_scheduler.state_dict(),
-                                    rng=_rng_state(noise_gen, data_gen, stability), state=state,
-                                    keep_last=s.keep_last)
+                 "scheduler": per(lambda u: u.scheduler.state_dict() if u.scheduler else None),
+                 "stop_advice": per(lambda u: u.advisor.state_dict() if u.advisor else None),
+                 "health": per(lambda u: u.health.state_dict())}
+        return ckpt.save_checkpoint(job.checkpoint_dir, step=step, lora=lora,
+                                    optimizer=per(lambda u: u.optimizer.state_dict()),
+                                    lr_scheduler=per(lambda u: u.lr_scheduler.state_dict()),
+                                    rng=_rng_state(noise_gen, data_gen, per(lambda u: u.stability.state_dict())),
+                                    state=state, keep_last=s.keep_last)
 
-    def export(path: Path) -> Path:
-        meta = lora_metadata(family, network, step=step, phase=scheduler.phase.name if scheduler else None,
-                             history=scheduler.history if scheduler else [], dataset_summary=training_set.summary(),
+    def export(unit: _Unit, path: Path) -> Path:
+        sched = unit.scheduler
+        meta = lora_metadata(family, unit.network, step=step, phase=sched.phase.name if sched else None,
+                             history=sched.history if sched else [], dataset_summary=training_set.summary(),
                              job_name=job.job)
+        if unit.name is not None:
+            meta["phase_trainer.expert"] = unit.name
         try:
-            return save_lora(path, network, family, meta)
-        except TrainerError as e:
-            raise TrainerError(f"{e}. The trained weights are safe in the checkpoint {last_ckpt}: run the job again "
-                               "(save.resume: latest) to write the LoRA") from e
+            return save_lora(path, unit.network, family, meta)
+        except TrainerError as err:
+            raise TrainerError(f"{err}. The trained weights are safe in the checkpoint {last_ckpt}: run the job "
+                               "again (save.resume: latest) to write the LoRA") from err
 
-    def emit(record: dict) -> None:
-        record.update(health.counters())
+    def emit(record: dict, unit: _Unit) -> None:
+        record.update(unit.health.counters())
         log.write(record)
         records.append(record)
         cb.on_step(record)
@@ -303,32 +312,41 @@ def _train(job, callbacks, family, training_set, extra_items, lora_path, acceler
     pending = [("resume", {"checkpoint": str(resume_from)})] if resume_from is not None else []
 
     # ---- the loop ----
-    denoiser.train()
+    for unit in units.values():
+        unit.denoiser.train()
     last_ckpt = resume_from
+    active = None
     t0 = time.perf_counter()
     with _StopFlag() as stop:
         while step < t.steps:
             step += 1
+            unit = units[experts[((step - 1) // t.switch_boundary_every) % len(experts)]]
+            if unit.name != active and unit.name is not None:
+                family.activate(unit.name, device)  # the other expert waits on the CPU
+            active = unit.name
+            kw = {} if unit.name is None else {"expert": unit.name}
             micro_losses = []
             for _ in range(t.gradient_accumulation):
                 batch = training_set.collate(data.next(), data_gen)
                 latents = batch["latents"]
-                u = family.sample_timesteps(latents.shape[0], noise_gen)
+                u = family.sample_timesteps(latents.shape[0], noise_gen, **kw)
                 noise = torch.randn(latents.shape, generator=noise_gen, dtype=latents.dtype)
                 noisy = family.add_noise(latents, noise, u)
                 noisy.model_input = noisy.model_input.to(device, weight_dtype)
                 noisy.timesteps = noisy.timesteps.to(device)
                 cond = {k: v.to(device, weight_dtype) for k, v in batch["cond"].items()}
-                with accelerator.accumulate(denoiser):
+                with accelerator.accumulate(unit.denoiser):
                     with accelerator.autocast():
-                        pred = family.predict(noisy, cond)
+                        pred = family.predict(noisy, cond, **kw)
                     loss = F.mse_loss(pred.float(), noisy.target.to(device, torch.float32))
                     accelerator.backward(loss)
                 micro_losses.append(loss.detach())
+            health, params = unit.health, unit.params
+            optimizer, lr_scheduler, scheduler, network = unit.optimizer, unit.lr_scheduler, unit.scheduler, unit.network
             if health.due(step):
                 health.before_clip()
             grad_norm = accelerator.clip_grad_norm_(params, t.max_grad_norm if t.max_grad_norm > 0 else float("inf"))
-            agreement = stability.update(params)
+            agreement = unit.stability.update(params)
             nan = torch.tensor(float("nan"), device=device)
             loss_v, norm_v, stab_v = torch.stack([torch.stack(micro_losses).mean().float(),
                                                   torch.as_tensor(grad_norm, device=device).float(),
@@ -339,14 +357,13 @@ def _train(job, callbacks, family, training_set, extra_items, lora_path, acceler
                 # a NaN/Inf loss or gradient: skip the update, keep the last good weights
                 optimizer.zero_grad(set_to_none=True)
                 bad_steps += 1
-                stability.undo()
+                unit.stability.undo()
                 health.count(loss_v, norm_v)
                 emit(_record(step, loss_v, None, norm_v, lr, optimizer, scheduler, network, event="nan_skip",
-                             detail={"consecutive": bad_steps}))
+                             detail={"consecutive": bad_steps}, expert=unit.name), unit)
                 if bad_steps >= t.max_bad_steps:
                     path = checkpoint_now()
                     log.close()
-                    network.remove()
                     raise TrainerError(f"{bad_steps} consecutive steps had a NaN/Inf loss or gradient; stopped. The "
                                        f"last good weights are in {path}. Lower train.lr, or use fp32/bf16 weights")
                 continue
@@ -361,13 +378,14 @@ def _train(job, callbacks, family, training_set, extra_items, lora_path, acceler
             events = list(pending)
             pending.clear()
             val = None
-            if probe is not None and (step % val_cfg.every == 0 or step == t.steps):
-                val = probe.loss(per_timestep=True, modules=(network,))
+            if unit.probe is not None and (step % val_cfg.every == 0 or step == t.steps):
+                val = unit.probe.loss(per_timestep=True, modules=(network,))
                 if scheduler is not None:
                     scheduler.observe_validation(step, val[0])
-                new_best, advice = advisor.observe(step, val[0], armed=scheduler is None or scheduler.is_final_phase)
-                if new_best and best_path is not None:
-                    best_file = export(best_path)
+                new_best, advice = unit.advisor.observe(step, val[0],
+                                                        armed=scheduler is None or scheduler.is_final_phase)
+                if new_best and unit.best_path is not None:
+                    unit.best_file = export(unit, unit.best_path)
                 if advice is not None:
                     events.append(("suggest_stop", advice))
                     cb.log(format_advice(advice) + ("; stopping (validation.stop_on_plateau)"
@@ -380,6 +398,8 @@ def _train(job, callbacks, family, training_set, extra_items, lora_path, acceler
                     transition["preserve_factors"] = preserve_output(network, optimizer, scheduler.alphas())
                 network.set_alphas(scheduler.alphas())
                 if transition is not None:
+                    if unit.name is not None:
+                        transition["expert"] = unit.name
                     events.append(("transition", transition))
                     cb.log(_describe_transition(transition))
             stopping = (stop.stop or cb.should_stop()) and step < t.steps
@@ -389,38 +409,114 @@ def _train(job, callbacks, family, training_set, extra_items, lora_path, acceler
                                {"path": str(ckpt.bundle_path(job.checkpoint_dir, step))}))
             record = _record(step, loss_v, stab_v, norm_v, lr, optimizer, scheduler, network,
                              event=events[0][0] if events else None,
-                             detail=(events[0][1] if len(events) == 1 else dict(events)) if events else None)
+                             detail=(events[0][1] if len(events) == 1 else dict(events)) if events else None,
+                             expert=unit.name)
             if val is not None:
                 record.update(val_loss=val[0], val_loss_t=val[1],
                               **(scheduler.validation_snapshot() if scheduler is not None else {}))
             if health_now is not None:
                 record["health"] = health_now
-            emit(record)  # the record first: a log never lacks a step that a checkpoint holds
+            emit(record, unit)  # the record first: a log never lacks a step that a checkpoint holds
             if saving:
                 last_ckpt = checkpoint_now()
             if stopping:
-                partial = export(lora_path.with_name(f"{lora_path.stem}_step{step}.safetensors"))
+                partials = [export(u, u.lora_path.with_name(f"{u.lora_path.stem}_step{step}.safetensors"))
+                            for u in units.values()]
                 log.close()
-                network.remove()
-                cb.log(f"interrupted at step {step}: checkpoint {last_ckpt}, partial LoRA {partial}")
-                raise InterruptedTraining(step, partial, last_ckpt)
+                cb.log(f"interrupted at step {step}: checkpoint {last_ckpt}, partial LoRA "
+                       f"{', '.join(map(str, partials))}")
+                raise InterruptedTraining(step, partials[0], last_ckpt)
             if step == 1 or step % 50 == 0 or step == t.steps:
                 rate = (time.perf_counter() - t0) / max(1, len(records))
-                cb.log(f"step {step}/{t.steps} loss {loss_v:.4f} phase {record['phase']} "
+                who = f" [{unit.name}]" if unit.name else ""
+                cb.log(f"step {step}/{t.steps}{who} loss {loss_v:.4f} phase {record['phase']} "
                        f"alpha {record['linear_alpha']}/{record['conv_alpha']} ({rate:.3f} s/step)")
             if stop_advised:
                 break  # a normal end: final checkpoint and export below
 
     last_ckpt = checkpoint_now()
-    out = export(lora_path)
+    outs = {e: export(u, u.lora_path) for e, u in units.items()}
     log.close()
-    lora_state = comfy_state_dict(network, family_cls)
-    network.remove()
-    cb.log(f"saved LoRA {out}")
-    return TrainResult(lora_path=out, metrics_path=job.metrics_path, step=step, records=records,
-                       lora_state=lora_state, checkpoint_path=last_ckpt,
-                       transitions=list(scheduler.history) if scheduler else [],
-                       best_lora_path=best_file, stop_advice=advisor.advice if advisor else None)
+    for e, out in outs.items():
+        cb.log(f"saved LoRA {out}")
+    first = units[experts[0]]
+    return TrainResult(lora_path=outs[experts[0]], metrics_path=job.metrics_path, step=step, records=records,
+                       lora_state=comfy_state_dict(first.network, family_cls), checkpoint_path=last_ckpt,
+                       transitions=[tr for u in units.values() if u.scheduler for tr in u.scheduler.history],
+                       best_lora_path=first.best_file, stop_advice=first.advisor.advice if first.advisor else None,
+                       lora_paths={e: p for e, p in outs.items()} if moe else {})
+
+
+@dataclass
+class _Unit:
+    """What is trained for one denoiser: the whole model, or one expert of a two-expert model."""
+
+    name: str | None
+    network: LoRANetwork
+    params: list
+    scheduler: AlphaScheduler | None
+    lora_path: Path
+    stability: GradientSignAgreement = field(default_factory=GradientSignAgreement)
+    denoiser: object = None
+    optimizer: object = None
+    lr_scheduler: object = None
+    probe: object = None
+    advisor: object = None
+    health: object = None
+    best_path: Path | None = None
+    best_file: Path | None = None
+
+    @classmethod
+    def build(cls, expert, job: Job, family, device, lora_path: Path, cb) -> "_Unit":
+        net_cfg = job.network
+        targets = family.target_modules(net_cfg.linear, net_cfg.conv, **_expert_kw(family, expert))
+        network = LoRANetwork(targets, linear_rank=net_cfg.linear, linear_alpha=net_cfg.linear_alpha,
+                              conv_rank=net_cfg.conv, conv_alpha=net_cfg.conv_alpha,
+                              only_if_contains=net_cfg.only_if_contains, ignore_if_contains=net_cfg.ignore_if_contains,
+                              dropout=net_cfg.dropout).to(device)
+        counts = network.group_counts()
+        config = net_cfg.schedule_for(expert)
+        scheduler = None
+        if config is not None:
+            for group in config.groups:
+                if counts[group] == 0:
+                    raise TrainerError(f"network.alpha_schedule: the {group} group is scheduled but no {group} "
+                                       f"module is trained (modules: {counts}); schedule the other group or widen "
+                                       "the filters")
+            scheduler = AlphaScheduler(config, net_cfg.base_alphas())
+            network.set_alphas(scheduler.alphas())
+        who = f" [{expert}]" if expert else ""
+        cb.log(f"LoRA{who}: {counts['linear']} linear + {counts['conv']} conv modules, "
+               f"{network.num_parameters():,} parameters")
+        if expert is not None:
+            from .families.wan22_14b import expert_lora_path
+
+            lora_path = expert_lora_path(lora_path, expert)
+        return cls(expert, network, network.trainable_parameters(), scheduler, lora_path)
+
+
+def _experts_to_train(job: Job, family) -> list:
+    """[None] for a one-denoiser family; the chosen experts, in order, for a two-expert family."""
+    names = getattr(family, "experts_names", None)
+    if not names:
+        return [None]
+    on = {"high_noise": job.model.train_high_noise, "low_noise": job.model.train_low_noise}
+    return [e for e in names if on.get(e, True)]
+
+
+def _expert_kw(family, expert, what: str = "expert") -> dict:
+    if expert is None:
+        return {}
+    return {"u_range": family.u_range(expert)} if what == "u_range" else {"expert": expert}
+
+
+def _of(value, expert, prefix: bool = False):
+    """A one-denoiser checkpoint stores each state bare; a two-expert one keys it by expert."""
+    if expert is None or value is None:
+        return value
+    if prefix:
+        return {k[len(expert) + 1:]: v for k, v in value.items() if k.startswith(f"{expert}.")}
+    return value.get(expert)
 
 
 def _record(step, loss, stability, grad_norm, lr, optimizer, scheduler, network, *, event=None, detail=None,

@@ -110,7 +110,7 @@ def scan_validation(job, family_cls, log=print) -> list:
     return scan_datasets([validation_dataset(job, v.folder_path)], family_cls, log=log)
 
 
-def build_probe(job, family, training_set, held_out_items=(), log=print):
+def build_probe(job, family, training_set, held_out_items=(), log=print, u_range=(0.0, 1.0)):
     """The job's FixedNoiseProbe (None when validation is off). Held-out items are encoded here, so call this
     before the family releases its encoders."""
     v = getattr(job, "validation", None)
@@ -122,7 +122,7 @@ def build_probe(job, family, training_set, held_out_items=(), log=print):
 
         source = TrainingSet.build(list(held_out_items), family, seed=v.seed, log=log)
     probe = FixedNoiseProbe(source, family, items=v.items, timesteps=v.timesteps, seed=v.seed,
-                            chunk=job.train.batch_size)
+                            chunk=job.train.batch_size, u_range=u_range)
     where = "held-out items" if held_out_items else "training items (no validation.folder_path)"
     log(f"validation every {v.every} steps on {len(probe.indices)} {where} x {v.timesteps} fixed timesteps")
     return probe
