@@ -391,13 +391,14 @@ def test_expert_lora_paths(tmp_path):
         expert_lora_path("x.safetensors", "transformer_2")
 
 
-def test_loop_as_is_trains_the_active_expert_only(tiny_wan22_14b_i2v_path, tmp_path):
-    """The current single-denoiser loop trains whichever expert is active, on that expert's timesteps only;
-    the other expert is untouched. (Training both needs the per-expert loop integration.)"""
+def test_loop_trains_only_the_chosen_expert(tiny_wan22_14b_i2v_path, tmp_path):
+    """With train_high_noise off, only the low-noise expert trains, on its own timesteps; the other expert
+    is untouched. (Both experts in one run: tests/test_train_moe.py.)"""
     data = clip_folder(tmp_path, "clips", width=48)
     job = parse_job({
         "job": "low", "output_dir": str(tmp_path / "out"),
-        "model": {"family": "wan22_14b_i2v", "path": str(tiny_wan22_14b_i2v_path), "dtype": "fp32"},
+        "model": {"family": "wan22_14b_i2v", "path": str(tiny_wan22_14b_i2v_path), "dtype": "fp32",
+                  "train_high_noise": False},
         "datasets": [{"folder_path": str(data), "resolution": [32], "num_frames": 5, "do_i2v": True}],
         "network": {"linear": 4, "linear_alpha": 4},
         "train": {"steps": 30, "lr": 3e-3, "seed": 1}, "save": {"every": 30, "resume": "none"},
@@ -418,6 +419,7 @@ def test_loop_as_is_trains_the_active_expert_only(tiny_wan22_14b_i2v_path, tmp_p
     result = train(job, family=fam, training_set=ts)
     assert len(seen) == 30 and max(seen) < 900.0
     assert all(torch.equal(v, high_before[k]) for k, v in fam.experts["high_noise"].state_dict().items())
+    assert result.lora_path.name == "low_low_noise.safetensors" and set(result.lora_paths) == {"low_noise"}
     sd = load_file(str(result.lora_path))
     assert sd and all(k.startswith("diffusion_model.blocks.") for k in sd)
     low_modules = {Wan21.export_prefix(t.name): t.module for t in fam.target_modules(4, 0, expert="low_noise")}
