@@ -1,0 +1,233 @@
+"""Single-file (ComfyUI-format) Wan models: variant detection from shapes, strict loading with diffusers' key
+conversion, the shipped configs, the errors, and training equivalence with the diffusers folder."""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from fixtures_models import tiny_wan21_path  # noqa: F401
+from tests.media import textured_frames, write_caption, write_video
+from trainer.errors import ModelError
+from trainer.families import get_family
+from trainer.families.single_file import (
+    CONFIG_DIR,
+    detect_variant,
+    known_variants,
+    load_single_file,
+    wan_facts_from_config,
+)
+from trainer.families.wan21 import native_wan_name
+from trainer.job import parse_job
+from trainer.loop import train
+
+
+def native_key(key: str) -> str:
+    """diffusers WanTransformer3DModel parameter -> Wan's original (ComfyUI) key."""
+    if key == "scale_shift_table":
+        return "head.modulation"
+    if key.endswith(".scale_shift_table"):
+        return key[: -len("scale_shift_table")] + "modulation"
+    module, param = key.rsplit(".", 1)
+    return f"{native_wan_name(module)}.{param}"
+
+
+def native_state_dict(transformer, prefix: str = "") -> dict:
+    return {prefix + native_key(k): v.detach().clone().contiguous() for k, v in transformer.state_dict().items()}
+
+
+def header_only_file(path, shapes: dict) -> None:
+    """A .safetensors file whose header declares `shapes` (float8, so tensor bytes stay small) -- enough for
+    detect_variant, which never reads tensor data. Real sizes would be gigabytes."""
+    header, offset = {}, 0
+    for key, shape in shapes.items():
+        n = 1
+        for d in shape:
+            n *= d
+        header[key] = {"dtype": "F8_E4M3", "shape": list(shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    blob = json.dumps(header).encode()
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)) + blob)
+        f.truncate(8 + len(blob) + offset)  # sparse: no real bytes written
+
+
+def meta_shapes(config: dict, prefix: str = "") -> dict:
+    from accelerate import init_empty_weights
+    from diffusers import WanTransformer3DModel
+
+    with init_empty_weights():
+        model = WanTransformer3DModel.from_config({k: v for k, v in config.items() if not k.startswith("_")})
+    return {prefix + native_key(k): tuple(v.shape) for k, v in model.state_dict().items()}, model
+
+
+@pytest.fixture(scope="module")
+def tiny_native_file(tiny_wan21_path, tmp_path_factory):
+    from diffusers import WanTransformer3DModel
+
+    transformer = WanTransformer3DModel.from_pretrained(tiny_wan21_path, subfolder="transformer")
+    path = tmp_path_factory.mktemp("single") / "tiny_wan.safetensors"
+    save_file(native_state_dict(transformer, "model.diffusion_model."), str(path))
+    return path, transformer
+
+
+# ---------------------------------------------------------------------------------------------- shipped configs
+
+
+def test_every_shipped_variant_is_detected_from_its_shapes(tmp_path):
+    variants = known_variants()
+    assert {v.name for v in variants} >= {"wan21_t2v_1.3b", "wan21_t2v_14b", "wan21_i2v_14b"}
+    facts = [json.dumps(wan_facts_from_config(v.config), sort_keys=True) for v in variants]
+    assert len(set(facts)) == len(facts), "two shipped variants would be indistinguishable"
+    sizes = {}
+    for v in variants:
+        shapes, model = meta_shapes(v.config, prefix="" if "t2v" in v.name else "model.diffusion_model.")
+        sizes[v.name] = sum(p.numel() for p in model.parameters())
+        file = tmp_path / f"{v.name}.safetensors"
+        header_only_file(file, shapes)
+        found = detect_variant(file)
+        assert found.name == v.name and found.family == v.family
+        assert get_family(found.family).name == v.family
+    # the released sizes: 1.3B T2V ~1.42e9 params, 14B T2V ~14.3e9, 14B I2V (image branch) ~16.4e9
+    assert 1.3e9 < sizes["wan21_t2v_1.3b"] < 1.5e9
+    assert 13.5e9 < sizes["wan21_t2v_14b"] < 15e9
+    assert 14.5e9 < sizes["wan21_i2v_14b"] < 17e9
+
+
+def test_shipped_configs_are_architecture_facts_only():
+    for path in CONFIG_DIR.glob("*.json"):
+        assert path.stat().st_size < 4096, path
+        doc = json.loads(path.read_text())
+        assert set(doc) <= {"name", "family", "description", "source", "component", "flow_shift", "config"}
+        assert doc["config"]["_class_name"] == "WanTransformer3DModel"
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+
+def test_tiny_file_loads_exactly_with_its_config(tiny_native_file, tiny_wan21_path):
+    path, reference = tiny_native_file
+    family = load_single_file(path, torch.float32, config=tiny_wan21_path / "transformer",
+                              encoders_from=tiny_wan21_path)
+    assert family.name == "wan21" and family.loaded.extra["variant"] == "custom"
+    got, want = family.denoiser.state_dict(), reference.state_dict()
+    assert set(got) == set(want)
+    for k in want:
+        assert torch.equal(got[k], want[k]), k
+    torch.manual_seed(0)
+    x = torch.randn(1, 16, 2, 4, 4)
+    text = torch.randn(1, 8, reference.config.text_dim)
+    t = torch.tensor([500.0])
+    with torch.no_grad():
+        assert torch.equal(family.denoiser(x, t, text, return_dict=False)[0],
+                           reference(x, t, text, return_dict=False)[0])
+    assert family.flow_shift == 3.0  # the encoders folder's scheduler
+    assert family.resolution_factor == 16 and family.temporal_factor == 4
+
+
+def test_from_single_file_classmethod_and_dtype(tiny_native_file, tiny_wan21_path):
+    path, reference = tiny_native_file
+    family = get_family("wan21").from_single_file(str(path), torch.bfloat16, config=tiny_wan21_path / "transformer",
+                                                  encoders_from=tiny_wan21_path)
+    assert all(p.dtype == torch.bfloat16 for p in family.denoiser.parameters())
+    assert not any(p.requires_grad for p in family.denoiser.parameters())
+    with pytest.raises(ModelError, match="wan21_i2v"):
+        get_family("wan21_i2v").from_single_file(str(path), torch.float32, config=tiny_wan21_path / "transformer",
+                                                 encoders_from=tiny_wan21_path)
+
+
+def test_unknown_size_lists_what_was_found(tiny_native_file):
+    path, _ = tiny_native_file
+    with pytest.raises(ModelError) as err:
+        detect_variant(path)
+    text = str(err.value)
+    assert str(path) in text and "matches no known variant" in text
+    assert "dim=24" in text and "num_layers=2" in text and "in_channels=16" in text and "text_dim=32" in text
+    assert "wan21_t2v_1.3b: dim=1536" in text and "wan21_t2v_14b: dim=5120" in text
+
+
+def test_config_mismatch_names_the_differences(tiny_native_file, tiny_wan21_path):
+    path, _ = tiny_native_file
+    cfg = json.loads((tiny_wan21_path / "transformer" / "config.json").read_text())
+    cfg["num_layers"] = 3
+    with pytest.raises(ModelError, match="num_layers: file 2 vs config 3"):
+        detect_variant(path, config=cfg)
+
+
+def test_wrong_files_fail_before_loading(tmp_path, tiny_wan21_path):
+    sd_unet = tmp_path / "sd.safetensors"
+    save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(4, 4, 3, 3)}, str(sd_unet))
+    with pytest.raises(ModelError, match="not a Wan diffusion model file"):
+        detect_variant(sd_unet)
+    with pytest.raises(ModelError, match="only .safetensors"):
+        detect_variant(tmp_path / "model.ckpt")
+    with pytest.raises(ModelError, match="no such file"):
+        detect_variant(tmp_path / "absent.safetensors")
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"\x00" * 64)
+    with pytest.raises(ModelError, match="not a readable .safetensors"):
+        detect_variant(garbage)
+    shapes, _ = meta_shapes(known_variants()[0].config)
+    vace = tmp_path / "vace.safetensors"
+    header_only_file(vace, {**shapes, "vace_blocks.0.after_proj.bias": (1536,)})
+    with pytest.raises(ModelError, match="VACE"):
+        detect_variant(vace)
+
+
+def test_scaled_fp8_and_missing_encoders_are_refused(tiny_native_file, tiny_wan21_path, tmp_path):
+    path, reference = tiny_native_file
+    cfg = tiny_wan21_path / "transformer"
+    with pytest.raises(ModelError, match="holds only the transformer.*CLIP.*VAE"):
+        load_single_file(path, torch.float32, config=cfg)
+    sd = native_state_dict(reference)
+    sd["scaled_fp8"] = torch.zeros(0)
+    scaled = tmp_path / "scaled.safetensors"
+    save_file(sd, str(scaled))
+    with pytest.raises(ModelError, match="scaled-fp8"):
+        load_single_file(scaled, torch.float32, config=cfg, encoders_from=tiny_wan21_path)
+
+
+def test_plain_fp8_file_is_upcast(tiny_native_file, tiny_wan21_path, tmp_path):
+    path, reference = tiny_native_file
+    fp8 = tmp_path / "fp8.safetensors"
+    save_file({k: v.to(torch.float8_e4m3fn) for k, v in native_state_dict(reference).items()}, str(fp8))
+    family = load_single_file(fp8, torch.float32, config=tiny_wan21_path / "transformer",
+                              encoders_from=tiny_wan21_path)
+    want = {k: v.to(torch.float8_e4m3fn).float() for k, v in reference.state_dict().items()}
+    for k, v in family.denoiser.state_dict().items():
+        assert torch.equal(v, want[k]), k
+
+
+# ---------------------------------------------------------------------------------------------- training
+
+
+def test_training_from_single_file_equals_training_from_folder(tiny_native_file, tiny_wan21_path, tmp_path):
+    path, _ = tiny_native_file
+    data = tmp_path / "clips"
+    write_video(data / "clip.mp4", textured_frames(8, 32, 32), num_frames=8, width=32, height=32, gop=4)
+    write_caption(data / "clip.mp4", "waves rolling")
+
+    def job(name):
+        return parse_job({
+            "job": name, "output_dir": str(tmp_path / name),
+            "model": {"family": "wan21", "path": str(tiny_wan21_path), "dtype": "fp32"},
+            "datasets": [{"folder_path": str(data), "resolution": [32], "num_frames": 5}],
+            "network": {"linear": 4, "linear_alpha": 4},
+            "train": {"steps": 12, "batch_size": 1, "lr": 1e-3, "seed": 5},
+            "save": {"every": 100, "resume": "none"},
+        })
+
+    folder_run = train(job("folder"))
+    single = load_single_file(path, torch.float32, config=tiny_wan21_path / "transformer",
+                              encoders_from=tiny_wan21_path)
+    file_run = train(job("file"), family=single)
+    losses_a = [r["loss"] for r in folder_run.records]
+    losses_b = [r["loss"] for r in file_run.records]
+    assert len(losses_a) == 12
+    assert losses_a == pytest.approx(losses_b, rel=1e-5, abs=1e-7)
+    for k, v in folder_run.lora_state.items():
+        assert torch.allclose(v, file_run.lora_state[k], rtol=1e-4, atol=1e-6), k
