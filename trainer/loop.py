@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedType, set_seed
 
 from . import checkpoint as ckpt
 from .errors import CheckpointError, InterruptedTraining, TrainerError
@@ -233,6 +233,13 @@ def _train(job, callbacks, family, training_set, extra_items, lora_path, acceler
                           if val_cfg is not None and val_cfg.keep_best else None)
         units[e] = unit
     moe = experts != [None]
+    # accelerate's per-step wrappers (AcceleratedOptimizer.step / zero_grad, Accelerator.clip_grad_norm_) probe the
+    # environment on every call (an importlib search for an optional package, inspect.signature): `python -m
+    # trainer bench` measured ~0.8 ms a step, 3.5% of the tiny SD 1.5 step. Where accelerate has nothing to add
+    # (no fp16 gradient scaler; no XLA, FSDP or DeepSpeed) the loop calls torch directly.
+    direct = accelerator.scaler is None and accelerator.distributed_type in (
+        DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU)
+    clip_grad_norm = torch.nn.utils.clip_grad_norm_ if direct else accelerator.clip_grad_norm_
 
     noise_gen = torch.Generator().manual_seed(t.seed + 1)
     data_gen = torch.Generator().manual_seed(t.seed + 2)
@@ -343,9 +350,10 @@ def _train(job, callbacks, family, training_set, extra_items, lora_path, acceler
                 micro_losses.append(loss.detach())
             health, params = unit.health, unit.params
             optimizer, lr_scheduler, scheduler, network = unit.optimizer, unit.lr_scheduler, unit.scheduler, unit.network
+            step_optimizer = optimizer.optimizer if direct else optimizer
             if health.due(step):
                 health.before_clip()
-            grad_norm = accelerator.clip_grad_norm_(params, t.max_grad_norm if t.max_grad_norm > 0 else float("inf"))
+            grad_norm = clip_grad_norm(params, t.max_grad_norm if t.max_grad_norm > 0 else float("inf"))
             agreement = unit.stability.update(params)
             nan = torch.tensor(float("nan"), device=device)
             loss_v, norm_v, stab_v = torch.stack([torch.stack(micro_losses).mean().float(),
@@ -355,7 +363,7 @@ def _train(job, callbacks, family, training_set, extra_items, lora_path, acceler
             lr = lr_scheduler.get_last_lr()[0]
             if not (_finite(loss_v) and _finite(norm_v)):
                 # a NaN/Inf loss or gradient: skip the update, keep the last good weights
-                optimizer.zero_grad(set_to_none=True)
+                step_optimizer.zero_grad(set_to_none=True)
                 bad_steps += 1
                 unit.stability.undo()
                 health.count(loss_v, norm_v)
@@ -370,9 +378,9 @@ def _train(job, callbacks, family, training_set, extra_items, lora_path, acceler
             bad_steps = 0
             if health.due(step):
                 health.before_step()
-            optimizer.step()
+            step_optimizer.step()
             lr_scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            step_optimizer.zero_grad(set_to_none=True)
             health_now = health.after_step() if health.due(step) else None
 
             events = list(pending)
