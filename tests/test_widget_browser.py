@@ -388,7 +388,7 @@ def test_per_expert_phases_draw_two_lanes(page):
     img = pixels(page)
     plot = layout["plot"]
     lanes = {b["name"]: b["lane"] for b in layout["bands"]}
-    assert lanes == {"hn_a": 0, "hn_b": 0, "ln_a": 1}
+    assert lanes == {"high_noise: hn_a": 0, "hn_b": 0, "low_noise: ln_a": 1}
     x = round(layout["xs"]["250"])
     top = mode_color(img[int(plot["y"] + 20):int(plot["y"] + plot["h"] / 2 - 2), x - 4:x + 5])
     bottom = mode_color(img[int(plot["y"] + plot["h"] / 2 + 20):int(plot["y"] + plot["h"] - 2), x - 4:x + 5])
@@ -669,3 +669,168 @@ def test_zoomed_widget_draws_at_the_zoomed_resolution_and_maps_the_mouse(page):
     page.mouse.move(box["x"] + 2 * x + 0.8, box["y"] + 2 * 150)
     page.evaluate(NEXT_FRAME)
     assert page.evaluate("() => window.plot.layout.hoverStep") == 200
+
+
+# --- stop advice, validation loss, two experts -------------------------------------------------------------
+
+VAL_AT = {49: 0.25, 99: 0.21, 149: 0.18, 199: 0.17, 249: 0.175, 299: 0.18}
+
+
+def advice_payload(detail="combined"):
+    """synthetic_payload with a validation curve (best at step 199) and the stop advice firing at step 249.
+    detail: "combined" (suggest_stop and a checkpoint at one step share one detail, as the loop logs them),
+    "own" (the advice's detail alone) or None (a payload rebuilt from the metrics tensor: no details)."""
+    payload = synthetic_payload()
+    for row in payload["rows"]:
+        row[15] = VAL_AT.get(row[0])
+    advice = {"step": 249, "best_step": 199, "best_val_loss": 0.17, "val_loss": 0.175,
+              "evaluations_without_improvement": 1, "trend": "plateau"}
+    detail_value = {"combined": {"suggest_stop": advice, "checkpoint": {"path": "x"}}, "own": advice, None: None}[detail]
+    payload["events"] = payload["events"] + [{"step": 249, "event": "suggest_stop", "detail": detail_value}]
+    return payload
+
+
+def draw_at(page, payload, steps, values=(), **opts):
+    """drawMetrics; returns the layout with xs[step] and ys[value] (loss axis) for the steps and values asked."""
+    return ev(page, """([payload, steps, values, opts]) => {
+        const l = window.PT.drawMetrics(document.getElementById('plot'), payload, opts);
+        const xs = {}, ys = {};
+        for (const s of steps) xs[s] = l.xOf(s);
+        for (const v of values) ys[v] = l.yOfLoss(v);
+        return {...l, xs, ys};
+      }""", [payload, list(steps), list(values), opts])
+
+
+def plot_rows(layout):
+    plot = layout["plot"]
+    return int(plot["y"]), int(plot["y"] + plot["h"])
+
+
+@pytest.mark.parametrize("detail", ["combined", "own", None])
+def test_stop_advice_draws_a_dashed_line_a_star_and_a_label(page, detail):
+    t = theme(page)
+    stop = hex_rgb(t["stop"])
+    layout = draw_at(page, advice_payload(detail), [50, 150, 199, 249], [0.17])
+    img = pixels(page)
+    y0, y1 = plot_rows(layout)
+    # The line: dashed (7 on, 3 off) over the plot height in the advice's column, in its own colour.
+    x = round(layout["xs"]["249"])
+    rows = near(img[y0:y1, x - 2:x + 3], stop, 6).any(axis=1).sum()
+    assert rows >= 0.55 * layout["plot"]["h"], rows
+    for step in (50, 150):  # nowhere else
+        xs = round(layout["xs"][str(step)])
+        assert near(img[y0:y1, xs - 3:xs + 4], stop, 6).sum() == 0, step
+    # The star on the best validation loss (step 199, 0.17): a filled blob, not a line.
+    (mark,) = layout["stops"]
+    assert (mark["step"], mark["bestStep"], mark["bestVal"]) == (249, 199, pytest.approx(0.17))
+    sx, sy = round(layout["xs"]["199"]), round(layout["ys"]["0.17"])
+    assert (mark["star"]["x"], mark["star"]["y"]) == (pytest.approx(layout["xs"]["199"]), pytest.approx(layout["ys"]["0.17"]))
+    blob = near(img[sy - 8:sy + 9, sx - 8:sx + 9], stop, 6)
+    assert blob.sum() >= 40 and blob.any(axis=0).sum() >= 9 and blob.any(axis=1).sum() >= 9, blob.sum()
+    # "stop?" on a plate beside the line, and the advice in the legend.
+    lab = mark["label"]
+    label = img[int(lab["y"]):int(lab["y"] + lab["h"]), int(lab["x"]):int(lab["x"] + lab["w"])]
+    assert near(label, stop, 40).sum() >= 15
+    assert "stop? 249 · best 199" in layout["legendLabels"]
+
+
+def test_without_stop_advice_nothing_is_drawn_in_its_colour(page):
+    t = theme(page)
+    payload = advice_payload()
+    payload["events"] = [e for e in payload["events"] if e["event"] != "suggest_stop"]
+    layout = draw_at(page, payload, [249])
+    assert layout["stops"] == []
+    assert near(pixels(page), hex_rgb(t["stop"]), 6).sum() == 0
+
+
+def test_validation_loss_is_a_line_through_its_evaluations(page):
+    t = theme(page)
+    steps = [124, 174]  # midway between evaluations: only the connecting line can be there
+    mids = [(VAL_AT[99] + VAL_AT[149]) / 2, (VAL_AT[149] + VAL_AT[199]) / 2]
+    layout = draw_at(page, advice_payload(), steps, mids)
+    img = pixels(page)
+    assert layout["drawn"]["val"] == 6
+    for step, v in zip(steps, mids):
+        x, y = round(layout["xs"][str(step)]), round(layout["ys"][str(v)])
+        assert near(img[y - 2:y + 3, x - 1:x + 2], hex_rgb(t["val"]), 8).any(), (step, v)
+
+
+def test_stop_advice_tooltip_names_the_best_step(page):
+    page.evaluate(NEW_PLOT)
+    ev(page, "(p) => window.plot.setPayload(p)", advice_payload())
+    page.evaluate(NEXT_FRAME)
+    box = page.locator("#plot").bounding_box()
+    x = page.evaluate("() => window.plot.layout.xOf(249)")
+    page.mouse.move(box["x"] + x + 0.4, box["y"] + 200)
+    page.evaluate(NEXT_FRAME)
+    lines = page.evaluate("() => window.plot.tooltipLines()")
+    assert "stop? best step 199 (val loss 0.17), plateau" in lines
+    assert "val loss 0.175" in lines and any("suggest_stop" in line for line in lines)
+
+
+def moe_payload(n=300, block=20):
+    """A Wan 2.2 A14B run as the loop logs it: the experts take turns in blocks of `block` steps (high noise
+    first), each with its own phases; high noise moves to 'balance' at step 140 (the last step of its block: a
+    transition record already names the new phase), low noise never does."""
+    rng = random.Random(3)
+    rows = []
+    for step in range(1, n + 1):
+        expert = ((step - 1) // block) % 2
+        phase = 1 if (expert == 0 and step >= 140) else 0
+        loss = (0.35 if expert == 0 else 0.12) + 0.05 * math.exp(-step / 100) + rng.uniform(-0.01, 0.01)
+        rows.append([step, loss, None, None, None, 0.7, 0.7, 1.0, 1e-4, phase, 0, [8, 14][phase], None, expert, None,
+                     None])
+    phases = [
+        {"name": "foundation", "phase_idx": 0, "start_step": 1, "alpha": {"linear": 8}, "expert": "high_noise"},
+        {"name": "foundation", "phase_idx": 0, "start_step": 21, "alpha": {"linear": 8}, "expert": "low_noise"},
+        {"name": "balance", "phase_idx": 1, "start_step": 140, "alpha": {"linear": 14}, "expert": "high_noise"},
+    ]
+    events = [{"step": 140, "event": "transition",
+               "detail": {"from_phase": "foundation", "to_phase": "balance", "expert": "high_noise"}}]
+    return {"columns": COLUMNS, "rows": rows, "phases": phases, "events": events, "job": "moe"}
+
+
+def test_two_experts_lanes_colours_and_a_transition_in_its_own_lane(page):
+    t = theme(page)
+    layout = draw_at(page, moe_payload(), [60, 140, 250])
+    img = pixels(page)
+    plot = layout["plot"]
+    y0, y1 = plot_rows(layout)
+    mid = int(plot["y"] + plot["h"] / 2)
+    inside = img[y0:y1, int(plot["x"]):int(plot["x"] + plot["w"])]
+    # two loss colours, each along most of the width (each expert has rows in every 40-step stretch)
+    for color in t["loss"][:2]:
+        assert near(inside, hex_rgb(color), 6).any(axis=0).sum() >= 0.6 * plot["w"], color
+    assert [(b["name"], b["lane"]) for b in layout["bands"]] == [
+        ("high_noise: foundation", 0), ("low_noise: foundation", 1), ("balance", 0)]
+    # top lane: high noise, foundation then balance; bottom lane: low noise, foundation throughout
+    x60, x250 = round(layout["xs"]["60"]), round(layout["xs"]["250"])
+    band = [over(t["background"], t["bands"][i], t["bandAlpha"]) for i in (0, 1)]
+
+    def lane_color(x, lane):
+        top = int(plot["y"] + lane * plot["h"] / 2 + 20)
+        return mode_color(img[top:top + int(plot["h"] / 2) - 24, x - 4:x + 5])
+
+    assert np.abs(lane_color(x60, 0) - band[0]).max() <= 3
+    assert np.abs(lane_color(x250, 0) - band[1]).max() <= 3
+    assert np.abs(lane_color(x60, 1) - band[0]).max() <= 3  # the same first phase looks the same in both
+    assert np.abs(lane_color(x250, 1) - band[0]).max() <= 3
+    # the high-noise transition is marked in the high-noise lane only
+    x = round(layout["xs"]["140"])
+    marker = hex_rgb(t["transition"])
+    assert near(img[y0:mid - 1, x - 2:x + 3], marker, 6).any(axis=1).sum() >= 0.35 * (mid - y0)
+    assert near(img[mid + 1:y1, x - 2:x + 3], marker, 6).sum() == 0
+    assert [(m["step"], m["lane"]) for m in layout["transitionMarks"]] == [(140, 0)]
+
+
+def test_two_experts_tooltip_names_each_experts_phase(page):
+    page.evaluate(NEW_PLOT)
+    ev(page, "(p) => window.plot.setPayload(p)", moe_payload())
+    page.evaluate(NEXT_FRAME)
+    box = page.locator("#plot").bounding_box()
+    for step, want in ((170, "high_noise · balance: loss "), (150, "low_noise · foundation: loss ")):
+        x = page.evaluate(f"() => window.plot.layout.xOf({step})")
+        page.mouse.move(box["x"] + x + 0.4, box["y"] + 200)
+        page.evaluate(NEXT_FRAME)
+        lines = page.evaluate("() => window.plot.tooltipLines()")
+        assert lines[0] == f"step {step}" and any(line.startswith(want) for line in lines), lines

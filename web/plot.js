@@ -23,6 +23,8 @@ export const THEME = {
   rawLossAlpha: 0.3,
   alpha: "#3fb950",
   val: "#ffffff",
+  // The stop advice (suggest_stop): a dashed line where it fired and a star on the best validation loss.
+  stop: "#ffb000",
   stats: {
     loss_slope: "#bc8cff",
     loss_r2: "#e3d74a",
@@ -174,6 +176,16 @@ function expertKey(value) {
   return String(value);
 }
 
+// The phase a row is in: per-expert phases are looked up by expert and their own index, others by index.
+function phaseOf(phases, phaseIdx, expert) {
+  const name = expertKey(expert);
+  if (name !== null && phases.some((p) => p && p.expert !== undefined && p.expert !== null)) {
+    const mine = phases.filter((p) => p && expertKey(p.expert) === name);
+    return mine.find((p) => p.phase_idx === phaseIdx) || mine[phaseIdx] || null;
+  }
+  return phases[phaseIdx] || null;
+}
+
 function phaseAlphaText(phase) {
   const a = phase && phase.alpha;
   if (a === null || a === undefined) return "";
@@ -206,6 +218,47 @@ function smoothLoss(data, series, stepAt, span, fixedTau, clamp) {
     }
   }
   return ema;
+}
+
+// An event's own detail. Several events at one step share one detail keyed by event name
+// ({"suggest_stop": {...}, "checkpoint": {...}}); a single event's detail is the object itself.
+function eventDetail(event, name) {
+  const d = event && event.detail;
+  if (!d || typeof d !== "object") return {};
+  return d[name] && typeof d[name] === "object" ? d[name] : d;
+}
+
+function finiteNumber(v) {
+  return typeof v === "number" && Number.isFinite(v) ? v : null;
+}
+
+// Stop advice: one entry per suggest_stop event, with the best step and validation loss it names. A payload
+// built from the metrics tensor has no event details: then the best is the lowest val_loss up to the advice
+// (of the same expert).
+function stopAdvice(data, stepAt, allIdx, expertAt) {
+  const val = data.column("val_loss");
+  const expertCol = data.column("expert_idx");
+  const out = [];
+  for (const e of data.events) {
+    if (!e || e.event !== "suggest_stop" || typeof e.step !== "number") continue;
+    const detail = eventDetail(e, "suggest_stop");
+    const expert = expertAt(e.step);
+    let bestStep = finiteNumber(detail.best_step);
+    let bestVal = finiteNumber(detail.best_val_loss);
+    if ((bestStep === null || bestVal === null) && val) {
+      for (const i of allIdx) {
+        const s = stepAt(i);
+        if (val[i] === null || s > e.step || (expertCol && expertCol[i] !== expert)) continue;
+        if (bestVal === null || val[i] < bestVal) {
+          bestVal = val[i];
+          bestStep = s;
+        }
+      }
+    }
+    out.push({ step: e.step, bestStep, bestVal, trend: typeof detail.trend === "string" ? detail.trend : null,
+      expert: expertKey(expert) });
+  }
+  return out.sort((a, b) => a.step - b.step);
 }
 
 function derive(data, opts = {}) {
@@ -243,10 +296,30 @@ function derive(data, opts = {}) {
     if (s > xMax) xMax = s;
   }
 
-  // Transitions: logged events plus every change of phase_idx within one expert's rows.
-  const transitions = new Set();
+  // Phase bands go in lanes when the phases are per expert (two experts with their own schedules).
+  const phases = data.phases;
+  const laneNames = [];
+  for (const p of phases) {
+    const lane = expertKey(p && p.expert);
+    if (lane !== null && !laneNames.includes(lane)) laneNames.push(lane);
+  }
+  const lanes = laneNames.length > 1 ? laneNames : [null];
+  const laneOf = (expert) => (lanes.length > 1 ? lanes.indexOf(expertKey(expert)) : -1);
+  const rowAt = new Map(); // step -> first row (events name a step; the row says which expert ran it)
+  for (const i of allIdx) if (!rowAt.has(stepAt(i))) rowAt.set(stepAt(i), i);
+  const expertAt = (step) => (expertCol && rowAt.has(step) ? expertCol[rowAt.get(step)] : null);
+
+  // Transitions: logged events plus every change of phase_idx within one expert's rows. With per-expert
+  // lanes, an expert's transition is marked in its own lane only (lane -1: the whole height).
+  const transitionMarks = new Map();
+  const addTransition = (step, expert) => {
+    const lane = laneOf(expert);
+    transitionMarks.set(`${step}|${lane}`, { step, lane });
+  };
   for (const e of data.events) {
-    if (e && e.event === "transition" && typeof e.step === "number") transitions.add(e.step);
+    if (!e || e.event !== "transition" || typeof e.step !== "number") continue;
+    const detail = eventDetail(e, "transition");
+    addTransition(e.step, detail.expert ?? expertAt(e.step));
   }
   const firstRowOfPhase = new Map();
   if (phaseCol) {
@@ -256,34 +329,29 @@ function derive(data, opts = {}) {
         const p = phaseCol[i];
         if (p === null) continue;
         if (!firstRowOfPhase.has(p)) firstRowOfPhase.set(p, stepAt(i));
-        if (last !== null && p !== last) transitions.add(stepAt(i));
+        if (last !== null && p !== last) addTransition(stepAt(i), expertCol ? expertCol[i] : null);
         last = p;
       }
     }
   }
-
-  // Phase bands, in lanes when the phases are per expert (two experts with their own schedules).
-  const phases = data.phases;
-  const laneNames = [];
-  for (const p of phases) {
-    const lane = expertKey(p && p.expert);
-    if (lane !== null && !laneNames.includes(lane)) laneNames.push(lane);
-  }
-  const lanes = laneNames.length > 1 ? laneNames : [null];
+  const transitions = new Set([...transitionMarks.values()].map((t) => t.step));
   const count = Math.max(phases.length, phaseCol ? Math.max(-1, ...firstRowOfPhase.keys()) + 1 : 0);
   const bands = [];
   for (let p = 0; p < count; p++) {
     const phase = phases[p] || { name: `phase ${p + 1}` };
     let start = typeof phase.start_step === "number" ? phase.start_step : firstRowOfPhase.get(p);
     if (start === undefined || start === null) continue; // not reached yet
-    const lane = lanes.length > 1 ? Math.max(0, lanes.indexOf(expertKey(phase.expert))) : 0;
-    bands.push({ index: p, name: String(phase.name ?? `phase ${p + 1}`), alphaText: phaseAlphaText(phase),
+    const lane = Math.max(0, laneOf(phase.expert));
+    // Colour by the phase's place in its own schedule, so that both experts' first phase look alike.
+    const colorIndex = typeof phase.phase_idx === "number" ? phase.phase_idx : p;
+    bands.push({ index: p, colorIndex, name: String(phase.name ?? `phase ${p + 1}`), alphaText: phaseAlphaText(phase),
       start, end: null, lane });
   }
   for (let lane = 0; lane < lanes.length; lane++) {
     const inLane = bands.filter((b) => b.lane === lane).sort((a, b) => a.start - b.start);
     inLane.forEach((b, j) => {
       b.end = j + 1 < inLane.length ? inLane[j + 1].start : Math.max(xMax, b.start);
+      if (j === 0 && lanes[lane] !== null) b.name = `${lanes[lane]}: ${b.name}`; // which expert the lane is
     });
   }
   for (const b of bands) {
@@ -322,8 +390,11 @@ function derive(data, opts = {}) {
     statRanges[stat.key] = stat.fixedRange || robustRange([col], allIdx);
   }
 
-  return { stepAt, series, allIdx, xMin, xMax, ema, transitions: [...transitions].sort((a, b) => a - b), bands,
-    lanes, lossRange, alphaCols, alphaMax, statRanges };
+  const stops = stopAdvice(data, stepAt, allIdx, expertAt);
+
+  return { stepAt, series, allIdx, xMin, xMax, ema, transitions: [...transitions].sort((a, b) => a - b),
+    transitionMarks: [...transitionMarks.values()].sort((a, b) => a.step - b.step || a.lane - b.lane), bands,
+    lanes, lossRange, alphaCols, alphaMax, statRanges, stops };
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -350,6 +421,24 @@ function niceTicks(lo, hi, count) {
     ticks.push(Math.abs(t) < stepSize * 1e-9 ? 0 : Number(t.toPrecision(12)));
   }
   return ticks;
+}
+
+function drawStar(ctx, cx, cy, r, fill, outline) {
+  ctx.beginPath();
+  for (let k = 0; k < 10; k++) {
+    const radius = k % 2 ? r * 0.45 : r;
+    const a = -Math.PI / 2 + (k * Math.PI) / 5;
+    const x = cx + radius * Math.cos(a);
+    const y = cy + radius * Math.sin(a);
+    if (k) ctx.lineTo(x, y);
+    else ctx.moveTo(x, y);
+  }
+  ctx.closePath();
+  ctx.fillStyle = fill;
+  ctx.fill();
+  ctx.strokeStyle = outline;
+  ctx.lineWidth = 1;
+  ctx.stroke();
 }
 
 function withAlpha(ctx, alpha, fn) {
@@ -467,7 +556,13 @@ function layoutLegend(ctx, theme, d, state, data, left, right) {
   for (const s of d.series) add(s.label, theme.loss[s.slot % theme.loss.length], null, true);
   d.alphaCols.forEach((a, k) => add(a.label, theme.alpha, null, true, k > 0));
   const val = data.column("val_loss");
-  if (val && d.allIdx.some((i) => val[i] !== null)) add("val", theme.val, null, true);
+  if (val && d.allIdx.some((i) => val[i] !== null)) add("val loss", theme.val, null, true);
+  // The latest stop advice, readable without hovering: where it fired and the best step it names.
+  const stop = d.stops[d.stops.length - 1];
+  if (stop) {
+    add(`stop? ${formatNumber(stop.step)}` + (stop.bestStep !== null ? ` · best ${formatNumber(stop.bestStep)}` : ""),
+      theme.stop, null, true, true);
+  }
   for (const stat of STAT_SERIES) {
     if (data.column(stat.key)) add(stat.label, theme.stats[stat.key], stat.key, !!state.toggles[stat.key]);
   }
@@ -558,12 +653,18 @@ function tooltipLinesFor(data, d, hover) {
   const get = (name, i) => (data.column(name) ? data.column(name)[i] : null);
   const first = hover.rows[0];
   const lines = [];
-  const phaseIdx = get("phase_idx", first);
-  const phase = phaseIdx !== null ? data.phases[phaseIdx] : null;
-  lines.push(`step ${formatNumber(hover.step)}` + (phase ? ` · ${phase.name}` : phaseIdx !== null ? ` · phase ${phaseIdx + 1}` : ""));
+  const phaseName = (i) => {
+    const idx = get("phase_idx", i);
+    if (idx === null) return null;
+    const phase = phaseOf(data.phases, idx, get("expert_idx", i));
+    return phase ? String(phase.name) : `phase ${idx + 1}`;
+  };
   const multi = d.series.length > 1;
+  const firstPhase = multi ? null : phaseName(first);
+  lines.push(`step ${formatNumber(hover.step)}` + (firstPhase ? ` · ${firstPhase}` : ""));
   for (const i of hover.rows) {
-    const prefix = multi ? `${expertKey(get("expert_idx", i))}: ` : "";
+    const expertPhase = multi ? phaseName(i) : null;
+    const prefix = multi ? `${expertKey(get("expert_idx", i))}${expertPhase ? ` · ${expertPhase}` : ""}: ` : "";
     lines.push(`${prefix}loss ${formatNumber(get("loss", i))}  ema ${formatNumber(d.ema[i])}`);
     const alphas = [];
     if (get("conv_alpha", i) !== null) alphas.push(`conv ${formatNumber(get("conv_alpha", i))}`);
@@ -583,6 +684,11 @@ function tooltipLinesFor(data, d, hover) {
   pair("grad norm", get("grad_norm", first), "lr", get("lr", first));
   const events = data.events.filter((e) => e && e.step === hover.step).map((e) => e.event);
   if (events.length) lines.push(`event: ${events.join(", ")}`);
+  for (const st of d.stops) {
+    if (st.step !== hover.step) continue;
+    lines.push(`stop? best step ${formatNumber(st.bestStep)} (val loss ${formatNumber(st.bestVal)})` +
+      (st.trend ? `, ${st.trend}` : ""));
+  }
   return lines;
 }
 
@@ -659,7 +765,7 @@ export function renderMetrics(canvas, data, opts = {}) {
   layout.bands = d.bands.map((b) => {
     const x0 = xOf(b.start);
     const x1 = b.end > b.start ? xOf(b.end) : x0 + 2;
-    const color = theme.bands[b.index % theme.bands.length];
+    const color = theme.bands[b.colorIndex % theme.bands.length];
     withAlpha(ctx, theme.bandAlpha, () => {
       ctx.fillStyle = color;
       ctx.fillRect(x0, plot.y + b.lane * laneH, x1 - x0, laneH);
@@ -733,14 +839,30 @@ export function renderMetrics(canvas, data, opts = {}) {
     ctx.stroke();
   }
 
+  // Validation loss: its own series (a line through the evaluations, a dot on each), over the training loss.
   const val = data.column("val_loss");
   if (val) {
     layout.drawn.val = 0;
     for (const s of d.series) {
+      ctx.strokeStyle = theme.val;
+      ctx.lineWidth = 1.5;
+      ctx.setLineDash(s.slot ? [4, 3] : []);
+      ctx.beginPath();
+      let started = false;
+      for (const i of s.idx) {
+        if (val[i] === null) continue;
+        const x = xOf(d.stepAt(i));
+        const y = yOfLoss(val[i]);
+        if (started) ctx.lineTo(x, y);
+        else ctx.moveTo(x, y);
+        started = true;
+      }
+      ctx.stroke();
+      ctx.setLineDash([]);
       for (const i of s.idx) {
         if (val[i] === null) continue;
         ctx.beginPath();
-        ctx.arc(xOf(d.stepAt(i)), yOfLoss(val[i]), 3.25, 0, Math.PI * 2);
+        ctx.arc(xOf(d.stepAt(i)), yOfLoss(val[i]), 3.5, 0, Math.PI * 2);
         ctx.fillStyle = theme.val;
         ctx.fill();
         ctx.strokeStyle = theme.loss[s.slot % theme.loss.length];
@@ -757,19 +879,62 @@ export function renderMetrics(canvas, data, opts = {}) {
   ctx.lineWidth = markerW / dpr;
   ctx.setLineDash([5, 4]);
   layout.markerColumns = [];
+  layout.transitionMarks = [];
   const seenColumns = new Set();
-  for (const t of d.transitions) {
-    const dev = Math.round(xOf(t) * dpr);
-    if (seenColumns.has(dev)) continue;
-    seenColumns.add(dev);
-    layout.markerColumns.push(dev);
-    const x = (dev + (markerW % 2 ? 0.5 : 0)) / dpr;
+  const snap = (step) => {
+    const dev = Math.round(xOf(step) * dpr);
+    return [dev, (dev + (markerW % 2 ? 0.5 : 0)) / dpr];
+  };
+  for (const t of d.transitionMarks) {
+    const [dev, x] = snap(t.step);
+    if (seenColumns.has(`${dev}|${t.lane}`)) continue;
+    seenColumns.add(`${dev}|${t.lane}`);
+    if (!layout.markerColumns.includes(dev)) layout.markerColumns.push(dev);
+    // In its expert's lane only when the phases are per expert (lane -1: the whole height).
+    const [y0, y1] = t.lane >= 0 ? [plot.y + t.lane * laneH, plot.y + (t.lane + 1) * laneH] : [plot.y, plot.y + plot.h];
+    layout.transitionMarks.push({ step: t.step, lane: t.lane, x, y0, y1 });
+    ctx.beginPath();
+    ctx.moveTo(x, y0);
+    ctx.lineTo(x, y1);
+    ctx.stroke();
+  }
+  ctx.setLineDash([]);
+
+  // Stop advice: a dashed line in its own colour at the step it fired, labelled "stop?", and a star on the
+  // best validation loss it names.
+  layout.stops = [];
+  for (const st of d.stops) {
+    const [, x] = snap(st.step);
+    ctx.strokeStyle = theme.stop;
+    ctx.lineWidth = markerW / dpr;
+    ctx.setLineDash([7, 3]);
     ctx.beginPath();
     ctx.moveTo(x, plot.y);
     ctx.lineTo(x, plot.y + plot.h);
     ctx.stroke();
+    ctx.setLineDash([]);
+    const mark = { step: st.step, bestStep: st.bestStep, bestVal: st.bestVal, x, star: null, label: null };
+    if (st.bestStep !== null && st.bestVal !== null) {
+      mark.star = { x: xOf(st.bestStep), y: yOfLoss(st.bestVal) };
+      drawStar(ctx, mark.star.x, mark.star.y, 9, theme.stop, theme.background);
+    }
+    ctx.font = theme.font;
+    ctx.textBaseline = "top";
+    ctx.textAlign = "left";
+    const text = "stop?";
+    const w = ctx.measureText(text).width;
+    // Below the phase names, right of the line (left of it at the right edge).
+    const lx = x + 4 + w + 4 <= plot.x + plot.w ? x + 4 : x - 4 - w;
+    const ly = plot.y + 20;
+    withAlpha(ctx, 0.7, () => {
+      ctx.fillStyle = theme.background;
+      ctx.fillRect(lx - 2, ly - 1, w + 4, 14);
+    });
+    ctx.fillStyle = theme.stop;
+    ctx.fillText(text, lx, ly);
+    mark.label = { x: lx - 2, y: ly - 1, w: w + 4, h: 14 };
+    layout.stops.push(mark);
   }
-  ctx.setLineDash([]);
 
   // Phase names at the top of their bands, over a dark plate so curves do not hide them.
   ctx.font = theme.font;
@@ -814,6 +979,7 @@ export function renderMetrics(canvas, data, opts = {}) {
   }
 
   layout.legend = drawLegend(ctx, theme, legend, data, plot.x + plot.w);
+  layout.legendLabels = legend.items.map((it) => it.label);
 
   // Hover: crosshair at the nearest step and a tooltip with every value there.
   if (state.hoverX !== null && state.hoverX >= plot.x && state.hoverX <= plot.x + plot.w) {
