@@ -25,13 +25,13 @@ from comfy_api.latest import ComfyExtension, io  # noqa: E402
 from .datasets import ImageFolderDataset, ImagesToDataset, MergeDatasets, VideoFolderDataset  # noqa: E402
 from .jobs import ExportJob  # noqa: E402
 from .metrics import PlotMetrics  # noqa: E402
-from .models import LoadTrainingModel  # noqa: E402
+from .models import LoadTrainingModel, LoadTrainingModelFile  # noqa: E402
 from .network import LoRANetwork  # noqa: E402
 from .schedule import AlphaPhase, AlphaSchedulePreset  # noqa: E402
 from .train import Train  # noqa: E402
 
 NODES: list[type[io.ComfyNode]] = [
-    LoadTrainingModel, ImageFolderDataset, VideoFolderDataset, ImagesToDataset, MergeDatasets, LoRANetwork,
+    LoadTrainingModel, LoadTrainingModelFile, ImageFolderDataset, VideoFolderDataset, ImagesToDataset, MergeDatasets, LoRANetwork,
     AlphaPhase, AlphaSchedulePreset, Train, PlotMetrics, ExportJob,
 ]
 

@@ -5,7 +5,15 @@ from __future__ import annotations
 import folder_paths
 from comfy_api.latest import io
 
-from trainer.comfy_bridge import TYPED_PATH, diffusers_folders, resolve_model_path
+from trainer.comfy_bridge import (
+    MODEL_FILE_FOLDERS,
+    TYPED_PATH,
+    diffusers_folders,
+    model_file_choices,
+    resolve_model_file,
+    resolve_model_path,
+    single_file_model,
+)
 from trainer.errors import ModelError
 from trainer.families import FAMILIES, get_family
 from trainer.job import DTYPES
@@ -56,3 +64,38 @@ class LoadTrainingModel(io.ComfyNode):
             raise ModelError(f"the {family} family cannot check a folder before loading it")
         check(location)  # ModelError naming the folder and what is wrong, in a second
         return io.NodeOutput({"family": family, "path": location, "dtype": dtype})
+
+
+class LoadTrainingModelFile(io.ComfyNode):
+    """A single ComfyUI-format model file (what UNETLoader loads): no diffusers folder needed. Outputs the same
+    light PT_MODEL spec; the variant is detected here from the file's header."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        files = model_file_choices({f: folder_paths.get_filename_list(f) for f in MODEL_FILE_FOLDERS})
+        return io.Schema(
+            node_id=f"{PREFIX}LoadModelFile",
+            display_name="Load Training Model (ComfyUI file)",
+            category=CATEGORY,
+            description="The base model to train a LoRA for, from a file in models/diffusion_models or "
+                        "models/checkpoints (e.g. wan2.1_t2v_1.3B_fp16.safetensors). The variant (Wan 2.1 T2V "
+                        "1.3B/14B, I2V 14B) is detected from the weights' shapes. The file holds only the "
+                        "diffusion model: connect ComfyUI's CLIP (umt5, CLIPLoader type wan) and VAE (Wan 2.1) "
+                        "to the Train node for the text and pixel encoding.",
+            inputs=[
+                io.Combo.Input("model_file", options=files or [""],
+                               tooltip="A .safetensors file from models/diffusion_models or models/checkpoints"),
+                io.Combo.Input("dtype", options=list(DTYPES), default="bf16",
+                               tooltip="Weight dtype of the frozen base model (the LoRA trains in fp32); an fp8 "
+                                       "file is upcast to it"),
+                io.String.Input("config", default="", optional=True, extra_dict={"advanced": True},
+                                tooltip="Optional: a diffusers transformer config.json (or its folder) for a "
+                                        "model of non-standard size; empty: detect a released variant"),
+            ],
+            outputs=[PTModel.Output(display_name="model")],
+        )
+
+    @classmethod
+    def execute(cls, model_file: str, dtype: str, config: str = "") -> io.NodeOutput:
+        path = resolve_model_file(model_file, folder_paths.get_full_path)
+        return io.NodeOutput(single_file_model(path, dtype, config))  # ModelError listing what was found

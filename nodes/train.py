@@ -69,6 +69,37 @@ def training_inputs() -> list:
     ]
 
 
+def encoder_inputs() -> list:
+    """ComfyUI's own text encoder and VAE, used instead of loading the family's (Wan 2.1 models)."""
+    note = ("Captions and pixels are encoded once before training and cached, then this encoder is released "
+            "(moved out of GPU memory) for the training steps.")
+    return [
+        io.Clip.Input("clip", optional=True,
+                      tooltip="Optional (Wan 2.1): the umt5 text encoder from CLIPLoader (type wan); required with "
+                              "a model from a ComfyUI file. " + note),
+        io.Vae.Input("vae", optional=True,
+                     tooltip="Optional (Wan 2.1): the Wan 2.1 VAE from VAELoader; required with a model from a "
+                             "ComfyUI file. " + note),
+    ]
+
+
+def comfy_encoders(clip, vae):
+    """The graph's CLIP/VAE as the library's ExternalEncoders (None when neither is connected). Releasing them
+    after caching also unloads them from the GPU."""
+    if clip is None and vae is None:
+        return None
+    from trainer.comfy_encoders import comfy_wan_encoders
+
+    encoders = comfy_wan_encoders(clip, vae)
+    if mm.get_torch_device().type != "cpu":
+        def unload() -> None:
+            mm.unload_all_models()
+            mm.soft_empty_cache()
+
+        encoders.on_release = unload
+    return encoders
+
+
 def job_mapping(*, model, dataset, network, schedule, job_name, steps, learning_rate, optimizer, lr_scheduler,
                 warmup_steps, batch_size, gradient_accumulation, seed, save_every, resume, keep_last=3,
                 mixed_precision="auto", gradient_checkpointing=False, max_grad_norm=1.0) -> dict:
@@ -105,7 +136,7 @@ class Train(io.ComfyNode):
                         "models/loras (<job_name>_00001.safetensors, never overwritten); the metrics log and "
                         "checkpoints into output/phase_trainer/<job_name>/. Cancel saves a checkpoint and the "
                         "partial LoRA; queue again with resume on to continue.",
-            inputs=training_inputs(),
+            inputs=training_inputs() + encoder_inputs(),
             outputs=[
                 LoraModel.Output(display_name="lora", tooltip="For the stock Load LoRA Model / Save LoRA nodes"),
                 PTMetrics.Output(display_name="metrics", tooltip="For Plot Metrics"),
@@ -125,7 +156,7 @@ class Train(io.ComfyNode):
     def execute(cls, model, dataset, network, job_name, steps, learning_rate, optimizer, lr_scheduler,
                 warmup_steps, batch_size, gradient_accumulation, seed, save_every, resume, schedule=None,
                 keep_last=3, mixed_precision="auto", gradient_checkpointing=False,
-                max_grad_norm=1.0) -> io.NodeOutput:
+                max_grad_norm=1.0, clip=None, vae=None) -> io.NodeOutput:
         mapping = job_mapping(model=model, dataset=dataset, network=network, schedule=schedule, job_name=job_name,
                               steps=steps, learning_rate=learning_rate, optimizer=optimizer,
                               lr_scheduler=lr_scheduler, warmup_steps=warmup_steps, batch_size=batch_size,
@@ -160,7 +191,8 @@ class Train(io.ComfyNode):
             with torch.inference_mode(False), torch.enable_grad():
                 run = train_from_nodes(mapping, dataset, lora_path=lora_path, node_id=node_id, send=send,
                                        progress=progress, interrupted=mm.processing_interrupted, log=log_line,
-                                       accelerator=_accelerator_for_comfyui(mixed_precision))
+                                       accelerator=_accelerator_for_comfyui(mixed_precision), model=model,
+                                       encoders=comfy_encoders(clip, vae))
         except InterruptedTraining as stop:
             log_line(f"cancelled: queue again with resume on to continue from step {stop.step}")
             mm.throw_exception_if_processing_interrupted()  # ComfyUI's own interrupt (and it clears the flag)

@@ -231,3 +231,34 @@ def test_training_from_single_file_equals_training_from_folder(tiny_native_file,
     assert losses_a == pytest.approx(losses_b, rel=1e-5, abs=1e-7)
     for k, v in folder_run.lora_state.items():
         assert torch.allclose(v, file_run.lora_state[k], rtol=1e-4, atol=1e-6), k
+
+
+# ---------------------------------------------------------------------------------------------- node helpers
+
+
+def test_node_helpers_list_resolve_and_spec(tiny_native_file, tiny_wan21_path, tmp_path):
+    from trainer import comfy_bridge as cb
+
+    listing = {"diffusion_models": ["b.safetensors", "a.gguf", "sub/c.safetensors"],
+               "checkpoints": ["b.safetensors"]}
+    assert cb.model_file_choices(listing) == ["checkpoints/b.safetensors", "diffusion_models/b.safetensors",
+                                              "diffusion_models/sub/c.safetensors"]
+    path, _ = tiny_native_file
+    full = {("diffusion_models", "tiny.safetensors"): str(path)}
+    assert cb.resolve_model_file("diffusion_models/tiny.safetensors", lambda f, n: full.get((f, n))) == path
+    from trainer.errors import JobError
+    with pytest.raises(JobError, match="not in ComfyUI's models/diffusion_models"):
+        cb.resolve_model_file("diffusion_models/gone.safetensors", lambda f, n: None)
+    with pytest.raises(JobError, match="pick one"):
+        cb.resolve_model_file("loras/x.safetensors", lambda f, n: None)
+
+    with pytest.raises(ModelError, match="matches no known variant"):
+        cb.single_file_model(path, "fp32")
+    spec = cb.single_file_model(path, "fp32", str(tiny_wan21_path / "transformer"))
+    assert spec["family"] == "wan21" and spec["single_file"]["variant"] == "custom"
+    from trainer.comfy_bridge import Dataset
+    mapping = cb.build_job_mapping(job_name="j", model=spec, dataset=Dataset(configs=({"folder_path": "/x"},)),
+                                   network={"linear": 4, "linear_alpha": 4}, schedule=None, train={"steps": 2},
+                                   output_dir=tmp_path, resume=False, save_every=10)
+    assert mapping["model"] == {"family": "wan21", "path": str(path), "dtype": "fp32"}
+    parse_job(mapping, require_datasets=False)  # the job file never sees the loading options

@@ -144,6 +144,67 @@ def resolve_model_path(choice: str, typed_path: str, roots: Iterable[str | os.Pa
                                  f"{[str(r) for r in roots]}; refresh the node or pick another")
 
 
+# ComfyUI model folders the "Load Training Model (ComfyUI file)" node lists, and the PT_MODEL keys that are not
+# job-file fields (a single file's loading options; the job file names the file as model.path).
+MODEL_FILE_FOLDERS = ("diffusion_models", "checkpoints")
+MODEL_SPEC_ONLY = ("single_file",)
+
+
+def model_file_choices(listing: dict[str, Iterable[str]]) -> list[str]:
+    """'<folder>/<file>' for every .safetensors file ComfyUI lists in each model folder (`listing`: folder name
+    -> folder_paths.get_filename_list(folder)), sorted, so two folders never collide."""
+    out = []
+    for folder, names in listing.items():
+        out.extend(f"{folder}/{n}" for n in names if str(n).lower().endswith(".safetensors"))
+    return sorted(out)
+
+
+def resolve_model_file(choice: str, full_path: Callable[[str, str], str | None]) -> Path:
+    """The file a '<folder>/<file>' choice names; `full_path(folder, name)` is folder_paths.get_full_path."""
+    folder, _, name = (choice or "").partition("/")
+    if folder not in MODEL_FILE_FOLDERS or not name:
+        raise JobError("model.path", f"{choice!r} is not a file from {' or '.join(MODEL_FILE_FOLDERS)}; pick one "
+                                     "from the list (refresh the node after adding files)")
+    found = full_path(folder, name)
+    if not found or not Path(found).is_file():
+        raise JobError("model.path", f"{name!r} is not in ComfyUI's models/{folder} folders any more; refresh "
+                                     "the node or pick another file")
+    return Path(found)
+
+
+def single_file_model(path: str | os.PathLike, dtype: str, config: str = "") -> dict:
+    """The PT_MODEL value for a single model file: the variant is detected now from the file's header (a
+    ModelError listing what was found if it matches no known variant); the Train node loads the weights."""
+    from .families.single_file import detect_variant
+
+    config = (config or "").strip() or None
+    variant = detect_variant(path, config=config)
+    return {"family": variant.family, "path": str(path), "dtype": dtype,
+            "single_file": {"variant": variant.name, "description": variant.description, "config": config}}
+
+
+def load_model_for_nodes(model: dict, dtype, encoders=None, device="cpu"):
+    """A loaded family for the Train node when the library's own loading does not do: a single file, or
+    ComfyUI's encoders (`encoders`, a trainer.comfy_encoders.ExternalEncoders). None: let train() load it."""
+    from .errors import ModelError
+    from .families import get_family
+
+    spec = model.get("single_file")
+    if spec is None and encoders is None:
+        return None
+    if encoders is not None and not model["family"].startswith("wan21"):
+        raise ModelError(f"the CLIP/VAE inputs of the Train node are used for Wan 2.1 models; the {model['family']} "
+                         "family encodes with its own text encoder and VAE: disconnect them")
+    if spec is not None:
+        from .families.single_file import load_single_file
+
+        return load_single_file(model["path"], dtype, device, config=spec.get("config"), encoders=encoders,
+                                family=model["family"])
+    family = get_family(model["family"]).load(model["path"], dtype=dtype, device=device)
+    family.loaded.extra["external_encoders"] = encoders
+    return family
+
+
 _COUNTER_RE = re.compile(r"^(?P<name>.+)_(?P<n>\d{%d,})$" % COUNTER_DIGITS)
 
 
@@ -449,7 +510,7 @@ def build_job_mapping(*, job_name: str, model: dict, dataset: Dataset, network: 
     return {
         "job": name,
         "output_dir": str(output_dir),
-        "model": dict(model),
+        "model": {k: v for k, v in model.items() if k not in MODEL_SPEC_ONLY},
         "datasets": [dict(c) for c in dataset.configs],
         "network": net,
         "train": dict(train),
@@ -613,13 +674,15 @@ def parse_node_job(mapping: dict):
 def train_from_nodes(mapping: dict, dataset: Dataset, *, lora_path: str | os.PathLike, node_id: str,
                      send: Callable[[dict], None], progress: Callable[[int, int], None],
                      interrupted: Callable[[], bool], log: Callable[[str], None] = print, accelerator=None,
-                     min_interval_s: float = 0.25) -> NodeRun:
+                     min_interval_s: float = 0.25, model: dict | None = None, encoders=None) -> NodeRun:
     """Validate the nodes' job, train it, and stream its metrics: what the Train node does, minus ComfyUI.
 
     `send(message)` gets the throttled live messages (LiveMetrics); `progress(step, total)` is called every
     step; `interrupted()` is polled every step, and when it turns true the loop saves a checkpoint and the
     partial LoRA and `trainer.errors.InterruptedTraining` propagates (after a final live message with
-    done=True). Without resume the loop moves an earlier run's checkpoints of this job aside."""
+    done=True). Without resume the loop moves an earlier run's checkpoints of this job aside.
+    `model` (the PT_MODEL value) and `encoders` (ComfyUI's CLIP/VAE as ExternalEncoders): a single model file or
+    outside encoders are loaded here (load_model_for_nodes) and the family handed to train()."""
     from .errors import InterruptedTraining
     from .loop import Callbacks, train
     from .metrics import read_records
@@ -646,7 +709,15 @@ def train_from_nodes(mapping: dict, dataset: Dataset, *, lora_path: str | os.Pat
         # The in-memory items go in with the folders: scan_datasets passes MediaItems through and checks them
         # against the family (a clip's frame count, a video on an image family) before any model loads.
         run_job = replace(job, datasets=list(job.datasets) + trainable_items(dataset))
-        result = train(run_job, _NodeCallbacks(), lora_path=Path(lora_path), accelerator=accelerator)
+        family = None
+        if model is not None:
+            from .loop import TORCH_DTYPES
+
+            family = load_model_for_nodes(model, TORCH_DTYPES[job.model.dtype], encoders)
+            if family is not None:
+                log(f"loaded {family.name} from {job.model.path}"
+                    + (" with the graph's CLIP/VAE" if encoders is not None else ""))
+        result = train(run_job, _NodeCallbacks(), family=family, lora_path=Path(lora_path), accelerator=accelerator)
     except InterruptedTraining:
         live.flush(done=True)
         raise

@@ -1,0 +1,162 @@
+"""Encoders supplied from outside the family (ComfyUI's CLIP and VAE), without importing ComfyUI.
+
+A family normally encodes captions and pixels with the diffusers text encoder and VAE it loaded. When the
+caller already has encoders loaded (a ComfyUI graph holds a CLIP and a VAE for sampling), it hands the family an
+`ExternalEncoders` instead (in ``loaded.extra["external_encoders"]``); the family calls it and must receive
+exactly what its own diffusers pipeline would feed the denoiser. The conversions from ComfyUI's conventions to
+the pipeline's are the pure functions below (tested in CI); `comfy_wan_encoders` wires them to duck-typed
+ComfyUI objects (anything with CLIP's ``tokenize`` / ``encode_from_tokens`` and VAE's ``encode``).
+
+Wan 2.1 (what WanPipeline does, and how ComfyUI differs):
+- text: diffusers cleans the prompt, tokenizes with truncation to 512 tokens (the last kept token is </s>),
+  runs UMT5 with the attention mask and keeps the hidden states of the real tokens, zero-padded to 512.
+  ComfyUI's umt5 tokenizer parses "(word:1.2)" weights, never truncates and pads to at least 512 with pad id 0;
+  its encoder uses the attention mask and zeroes padded positions. So: escape the caption's brackets and
+  backslashes (`escape_comfy_weights`), truncate the tokens to 511 + </s> (`truncate_comfy_tokens`), encode,
+  and keep the first 512 rows (`wan_text_from_comfy`).
+- pixels: diffusers' VAE takes [B, 3, F, H, W] in [-1, 1]; ComfyUI's takes frames as a batch [F, H, W, 3] in
+  [0, 1] (`wan_pixels_to_comfy`) and returns the raw posterior mean [1, 16, F', h, w]; WanPipeline then
+  normalizes (z - latents_mean) / latents_std (`normalize_wan_latents`, with the Wan 2.1 VAE's statistics).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+# AutoencoderKLWan's (and ComfyUI's latent_formats.Wan21) per-channel statistics of the Wan 2.1 VAE.
+WAN21_LATENTS_MEAN = (-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
+                      0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921)
+WAN21_LATENTS_STD = (2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
+                     3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160)
+UMT5_END_TOKEN = 1
+UMT5_PAD_TOKEN = 0
+
+
+@dataclass
+class ExternalEncoders:
+    """What a family needs from outside encoders.
+
+    encode_prompts(captions, max_length) -> one {"encoder_hidden_states": [max_length, d]} per caption (captions
+    already cleaned by the family); encode_pixels(pixels [B, 3, F, H, W] in [-1, 1]) -> the family's latents.
+    `identity` names the encoders for the latent cache key; `release()` drops the references so the caller's
+    encoders can be unloaded once everything is cached."""
+
+    encode_prompts: Callable[[list, int], list] | None
+    encode_pixels: Callable[[torch.Tensor], torch.Tensor] | None
+    identity: str
+    spatial_factor: int = 8
+    temporal_factor: int = 4
+    objects: list = field(default_factory=list)
+    on_release: Callable[[], None] | None = None  # e.g. the node unloading ComfyUI's models from the GPU
+
+    def release(self) -> None:
+        self.encode_prompts = None
+        self.encode_pixels = None
+        self.objects.clear()
+        if self.on_release is not None:
+            self.on_release()
+
+
+# ---------------------------------------------------------------------------------------------- pure conversions
+
+
+def escape_comfy_weights(text: str) -> str:
+    """A caption ComfyUI's tokenizer reads literally: '(' ')' are weight syntax there, '\\' its escape."""
+    return text.replace("\\", "\\\\").replace("(", "\\(").replace(")", "\\)")
+
+
+def truncate_comfy_tokens(tokens: dict, max_length: int, end_token: int = UMT5_END_TOKEN,
+                          pad_token: int = UMT5_PAD_TOKEN) -> tuple[dict, int]:
+    """ComfyUI tokens ({name: [[(id, weight[, word_id]), ...]]}, one sequence) truncated the way
+    `tokenizer(..., max_length, truncation=True)` truncates: at most max_length - 1 real tokens, then the end
+    token, padded with pad tokens to max_length. Returns (tokens, number of real tokens including the end)."""
+    out: dict = {}
+    kept = None
+    for name, batches in tokens.items():
+        flat = [t for batch in batches for t in batch]
+        ids = [t[0] for t in flat]
+        if end_token in ids:
+            real = flat[:ids.index(end_token)]
+        else:
+            real = [t for t in flat if t[0] != pad_token]
+        real = real[: max_length - 1]
+        weight_tail = tuple(flat[0][2:]) if flat and len(flat[0]) > 2 else ()
+        seq = list(real) + [(end_token, 1.0) + weight_tail]
+        seq += [(pad_token, 1.0) + weight_tail] * (max_length - len(seq))
+        out[name] = [seq]
+        kept = len(real) + 1 if kept is None else kept
+    return out, int(kept or 0)
+
+
+def wan_text_from_comfy(cond: torch.Tensor, num_tokens: int, max_length: int) -> torch.Tensor:
+    """ComfyUI's umt5 output [1, n, d] (or [n, d]) -> WanPipeline's [max_length, d]: the real tokens' hidden
+    states, zeros after them (ComfyUI already zeroes masked positions; this makes it hold for any input)."""
+    h = cond[0] if cond.ndim == 3 else cond
+    if num_tokens > max_length:
+        raise ValueError(f"{num_tokens} tokens do not fit max_length {max_length}; truncate the tokens first")
+    out = h.new_zeros(max_length, h.shape[-1])
+    out[:num_tokens] = h[:num_tokens]
+    return out
+
+
+def wan_pixels_to_comfy(pixels: torch.Tensor) -> list[torch.Tensor]:
+    """[B, 3, F, H, W] in [-1, 1] -> per item the frames as ComfyUI's IMAGE batch [F, H, W, 3] in [0, 1]."""
+    if pixels.ndim != 5 or pixels.shape[1] != 3:
+        raise ValueError(f"pixels must be [B, 3, F, H, W], got {list(pixels.shape)}")
+    images = ((pixels.float() + 1.0) / 2.0).clamp(0.0, 1.0)
+    return [item.permute(1, 2, 3, 0).contiguous() for item in images]
+
+
+def normalize_wan_latents(raw: torch.Tensor, mean=WAN21_LATENTS_MEAN, std=WAN21_LATENTS_STD) -> torch.Tensor:
+    """Raw Wan VAE latents [B, z, F', h, w] -> (z - mean) / std per channel, as WanPipeline feeds them."""
+    shape = (1, raw.shape[1]) + (1,) * (raw.ndim - 2)
+    m = torch.tensor(mean, dtype=torch.float32, device=raw.device).view(shape)
+    s = torch.tensor(std, dtype=torch.float32, device=raw.device).view(shape)
+    return (raw.float() - m) / s
+
+
+# ---------------------------------------------------------------------------------------------- ComfyUI objects
+
+
+def module_fingerprint(*modules) -> str:
+    """A short hash of modules' classes, parameter names, shapes and a sample of values: names the encoders in
+    the latent cache key, so latents cached with one VAE are never reused with another."""
+    h = hashlib.sha256()
+    for module in modules:
+        if module is None:
+            h.update(b"none")
+            continue
+        h.update(type(module).__name__.encode())
+        params = list(module.state_dict().items())
+        for name, value in params[:: max(1, len(params) // 16)]:
+            h.update(f"{name}{tuple(value.shape)}{float(value.detach().double().sum()):.6e}".encode())
+    return h.hexdigest()[:16]
+
+
+def comfy_wan_encoders(clip: Any = None, vae: Any = None, *, identity: str = "") -> ExternalEncoders:
+    """ExternalEncoders for a Wan 2.1 family from ComfyUI objects: `clip` (comfy.sd.CLIP of a umt5 text
+    encoder: .tokenize / .encode_from_tokens) and `vae` (comfy.sd.VAE of the Wan 2.1 VAE: .encode).
+    Either may be None (the family then needs its own encoder for that part)."""
+
+    def encode_prompts(captions: list, max_length: int) -> list:
+        out = []
+        for caption in captions:
+            tokens, count = truncate_comfy_tokens(clip.tokenize(escape_comfy_weights(caption)), max_length)
+            cond = clip.encode_from_tokens(tokens)
+            cond = cond[0] if isinstance(cond, (tuple, list)) else cond
+            out.append({"encoder_hidden_states": wan_text_from_comfy(cond.float().cpu(), count, max_length)})
+        return out
+
+    def encode_pixels(pixels: torch.Tensor) -> torch.Tensor:
+        latents = [vae.encode(frames) for frames in wan_pixels_to_comfy(pixels.cpu())]
+        return normalize_wan_latents(torch.cat([z.float().cpu() for z in latents]))
+
+    name = identity or module_fingerprint(getattr(clip, "cond_stage_model", None),
+                                          getattr(vae, "first_stage_model", None))
+    return ExternalEncoders(encode_prompts=encode_prompts if clip is not None else None,
+                            encode_pixels=encode_pixels if vae is not None else None,
+                            identity=name, objects=[o for o in (clip, vae) if o is not None])
