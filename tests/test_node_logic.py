@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.fixtures_models import tiny_sd15_path  # noqa: F401  (fixture)
+from tests.fixtures_models import tiny_sd15_path, tiny_wan22_14b_path  # noqa: F401  (fixtures)
 from tests.media import write_caption, write_image, write_video
 from trainer import comfy_bridge as cb
 from trainer.data.sources import scan_folder
@@ -500,3 +500,160 @@ def test_train_from_nodes_runs_cancels_and_resumes(tmp_path, tiny_sd15_path):  #
     assert run.metrics["tensor"].shape == (10, len(COLUMNS)) and len(run.loss_map["loss"]) == 10
     assert run.payload["job"] == "nodes" and len(run.payload["rows"]) == 10
     assert run.payload["phases"][0]["name"] == "foundation"
+
+
+# ---------------------------------------------------------------------------------------------- validation, experts
+
+
+def test_validation_section_from_the_train_nodes_option():
+    assert cb.validation_section(None) is None and cb.validation_section({"validation": "off"}) is None
+    on = {"validation": "on", "every": 25, "items": 3, "patience": 4, "stop_on_plateau": True}
+    assert cb.validation_section(on) == {"every": 25, "items": 3, "patience": 4, "stop_on_plateau": True}
+    with pytest.raises(JobError) as e:
+        cb.validation_section({"validation": "sometimes"})
+    assert e.value.field == "validation"
+
+
+def test_build_job_mapping_with_validation(tmp_path):
+    section = cb.validation_section({"validation": "on", "every": 5, "items": 2, "patience": 3,
+                                     "stop_on_plateau": True})
+    job = cb.parse_node_job(_mapping(tmp_path, validation=section))
+    v = job.validation
+    assert (v.every, v.items, v.patience, v.stop_on_plateau, v.keep_best) == (5, 2, 3, True, True)
+    # a preset's phases end on the validation loss (as a job file's `preset:` with a validation section) ...
+    assert {p.exit.source for p in job.network.alpha_schedule.phases} == {"validation"}
+    # ... not without validation, and a chain of Alpha Phase nodes keeps its own criteria
+    assert {p.exit.source for p in cb.parse_node_job(_mapping(tmp_path)).network.alpha_schedule.phases} == {"train"}
+    chain = cb.alpha_phase(None, name="a", alpha=4, group="auto", min_steps=5, exit=_exit())
+    chain = cb.alpha_phase(chain, name="b", alpha=8, group="auto", min_steps=5, exit=_exit())
+    job = cb.parse_node_job(_mapping(tmp_path, schedule=chain, validation=section))
+    assert {p.exit.source for p in job.network.alpha_schedule.phases} == {"train"}
+    assert cb.parse_node_job(_mapping(tmp_path)).validation is None
+    with pytest.raises(JobError) as e:
+        cb.parse_node_job(_mapping(tmp_path, validation={**section, "every": 0}))
+    assert e.value.field == "validation.every" and "validation option" in str(e.value)
+
+
+def _moe_records(n=40, block=5, high_moves_at=21):
+    recs = _records(n)
+    for rec in recs:
+        step = rec["step"]
+        rec["expert"] = ("high_noise", "low_noise")[((step - 1) // block) % 2]
+        moved = rec["expert"] == "high_noise" and step >= high_moves_at
+        rec["phase_idx"], rec["phase"] = (1, "p1") if moved else (0, "p0")
+        rec["event"] = "transition" if step == high_moves_at else None
+        rec["event_detail"] = {"expert": "high_noise", "to_phase": "p1"} if step == high_moves_at else None
+    return recs
+
+
+def test_expert_phases_one_list_per_expert():
+    records = _moe_records()  # experts in blocks of 5 steps, high noise first; high noise moves to p1 at 21
+    from trainer.metrics import records_to_tensor
+
+    phases = cb.expert_phases(records_to_tensor(records), ["p0", "p1"])
+    assert [(p["expert"], p["name"], p["phase_idx"], p["start_step"]) for p in phases] == [
+        ("high_noise", "p0", 0, 1), ("low_noise", "p0", 0, 6), ("high_noise", "p1", 1, 21)]
+    assert cb.expert_phases(records_to_tensor(_records(10)), ["p0"]) == []  # one denoiser: no expert lanes
+    # the live messages accumulate the same phases, chunk after chunk, and the final payload agrees
+    sent = []
+    live = cb.LiveMetrics("1", ["p0", "p1"], sent.append, min_interval_s=0.0)
+    for rec in records:
+        live.add(rec)
+    assert sent[-1]["phases"] == phases
+    assert cb.widget_payload(records, ["p0", "p1"], "j")["phases"] == phases
+    # Plot Metrics rebuilds them from PT_METRICS
+    assert cb.payload_from_metrics(cb.metrics_output(records, ["p0", "p1"], "j"))["phases"] == phases
+
+
+def test_metrics_output_keeps_event_details_for_plot_metrics():
+    records = _records(12)
+    advice = {"step": 10, "best_step": 6, "best_val_loss": 0.5, "val_loss": 0.55,
+              "evaluations_without_improvement": 2, "trend": "plateau"}
+    for rec in records:
+        if rec["step"] % 2 == 0:
+            rec["val_loss"] = 0.5 if rec["step"] == 6 else 0.6
+    records[9].update(event=["suggest_stop", "checkpoint"], event_detail={"suggest_stop": advice,
+                                                                         "checkpoint": {"path": "p"}})
+    payload = cb.payload_from_metrics(cb.metrics_output(records, ["p0"], "j"))
+    (stop,) = [e for e in payload["events"] if e["event"] == "suggest_stop"]
+    assert stop["step"] == 10 and stop["detail"]["suggest_stop"]["best_step"] == 6
+    assert payload["job"] == "j"
+
+
+@pytest.mark.slow
+def test_train_from_nodes_with_validation_stops_and_keeps_the_best(tmp_path, tiny_sd15_path):  # noqa: F811
+    from trainer.plot import render_png
+    from trainer.schedule.stop_advice import format_advice
+
+    data = _shapes(tmp_path / "data")
+    dataset = cb.folder_dataset(cb.dataset_config(data, resolution="32"), video=False)
+    # min_delta 0.5: no evaluation after the first can be a new best, so the advice fires after `patience` more
+    section = {**cb.validation_section({"validation": "on", "every": 2, "items": 2, "patience": 2,
+                                        "stop_on_plateau": True}), "min_delta": 0.5}
+    mapping = cb.build_job_mapping(
+        job_name="val", model={"family": "sd15", "path": str(tiny_sd15_path), "dtype": "fp32"}, dataset=dataset,
+        network=cb.network_config(linear=4, linear_alpha=4), schedule=None,
+        train={"steps": 20, "lr": 1e-3, "batch_size": 2, "seed": 1}, output_dir=tmp_path / "out", resume=False,
+        save_every=50, validation=section)
+    lines, sent = [], []
+    loras = tmp_path / "loras"
+    run = cb.train_from_nodes(mapping, dataset, lora_path=cb.next_free_path(loras, "val"), node_id="2",
+                              send=sent.append, progress=lambda s, t: None, interrupted=lambda: False,
+                              log=lines.append, min_interval_s=0.0)
+    assert run.step == 6  # stop_on_plateau: evaluations at 2 (best), 4, 6 -> advice at 6, the run ends there
+    assert run.stop_advice["step"] == 6 and run.stop_advice["best_step"] == 2
+    assert run.lora_path == loras / "val_00001.safetensors" and run.lora_path.is_file()
+    assert run.best_lora_path == loras / "val_00001_best.safetensors" and run.best_lora_path.is_file()
+    assert cb.next_free_path(loras, "val").name == "val_00002.safetensors"  # the best file holds the counter too
+    assert run.summary == [format_advice(run.stop_advice),
+                           "best LoRA (lowest validation loss): val_00001_best.safetensors"]
+    assert all(line in lines for line in run.summary) and run.payload["summary"] == run.summary
+    assert run.lora_paths == {} and run.lora_low_noise == {}
+    # the validation points and the advice reach the widget, live and at the end
+    val_col = COLUMNS.index("val_loss")
+    assert [r[0] for m in sent for r in m["rows"] if r[val_col] is not None] == [2, 4, 6]
+    (stop,) = [e for e in run.payload["events"] if e["event"] == "suggest_stop"]
+    assert stop["step"] == 6 and "suggest_stop" in [e["event"] for m in sent for e in m["events"]]
+    # Plot Metrics: the advice's details survive in PT_METRICS, so its chart gets the best step
+    payload = cb.payload_from_metrics(run.metrics)
+    (stop,) = [e for e in payload["events"] if e["event"] == "suggest_stop"]
+    detail = stop["detail"].get("suggest_stop", stop["detail"])
+    assert detail["best_step"] == 2
+    png = render_png(run.metrics["tensor"].numpy(), payload["phases"], "val", width=300, height=200,
+                     events=payload["events"])
+    assert cb.png_to_image(png).shape == (1, 200, 300, 3)
+
+
+@pytest.mark.slow
+def test_train_from_nodes_two_experts_write_two_loras(tmp_path, tiny_wan22_14b_path):  # noqa: F811
+    from tests.media import textured_frames
+
+    data = tmp_path / "clips"
+    for i in range(2):
+        write_caption(write_video(data / f"c{i}.mp4", textured_frames(5, 32, 32, seed=i), num_frames=5, width=32,
+                                  height=32), f"clip {i}")
+    dataset = cb.folder_dataset(cb.dataset_config(data, resolution="32", num_frames=5), video=True)
+    chain = cb.alpha_phase(None, name="low", alpha=4, group="auto", min_steps=1, exit=_exit())
+    chain = cb.alpha_phase(chain, name="high", alpha=8, group="auto", min_steps=1, exit=_exit())
+    mapping = cb.build_job_mapping(
+        job_name="moe", model={"family": "wan22_14b", "path": str(tiny_wan22_14b_path), "dtype": "fp32"},
+        dataset=dataset, network=cb.network_config(linear=4, linear_alpha=4), schedule=chain,
+        train={"steps": 4, "lr": 1e-3, "seed": 1, "switch_boundary_every": 1}, output_dir=tmp_path / "out",
+        resume=False, save_every=50)
+    loras = tmp_path / "loras"
+    run = cb.train_from_nodes(mapping, dataset, lora_path=cb.next_free_path(loras, "moe"), node_id="2",
+                              send=lambda m: None, progress=lambda s, t: None, interrupted=lambda: False,
+                              log=lambda m: None, min_interval_s=0.0)
+    high, low = loras / "moe_00001_high_noise.safetensors", loras / "moe_00001_low_noise.safetensors"
+    assert run.lora_paths == {"high_noise": high, "low_noise": low} and run.lora_path == high
+    assert sorted(p.name for p in loras.iterdir()) == [high.name, low.name]
+    assert cb.next_free_path(loras, "moe").name == "moe_00002.safetensors"
+    for state, path in ((run.lora_state, high), (run.lora_low_noise, low)):
+        on_disk = load_file(str(path))
+        assert sorted(on_disk) == sorted(state) and all(torch.equal(on_disk[k], state[k]) for k in on_disk)
+    assert any(not torch.equal(run.lora_state[k], run.lora_low_noise[k]) for k in run.lora_state
+               if k.endswith("lora_up.weight"))
+    assert run.summary == [f"LoRA per expert: high_noise {high.name}, low_noise {low.name}"]
+    # one lane of phases per expert for the widget
+    assert [(p["expert"], p["name"], p["start_step"]) for p in run.payload["phases"]] == [
+        ("high_noise", "low", 1), ("low_noise", "low", 2)]

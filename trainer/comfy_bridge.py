@@ -9,10 +9,11 @@ ComfyUI install:
   `next_free_path` (a counter suffix, never overwriting), `folder_fingerprint`;
 - datasets: `Dataset` (the PT_DATASET value), `folder_dataset`, `images_dataset`, `merge_datasets`;
 - network and schedule: `network_config`, `alpha_phase`, `preset_schedule` (PT_NETWORK / PT_SCHEDULE values);
-- the job: `build_job_mapping`, `node_error` (a JobError phrased for the node that owns the field),
-  `train_from_nodes` (the Train node's run: validate, train, stream metrics, interrupt);
-- metrics: `LiveMetrics` (throttled, batched live messages), `metrics_output` (PT_METRICS), `loss_map`,
-  `png_to_image`;
+- the job: `validation_section` (the Train node's validation option), `build_job_mapping`, `node_error` (a
+  JobError phrased for the node that owns the field), `train_from_nodes` (the Train node's run: validate,
+  train, stream metrics, interrupt; its outputs: best LoRA, stop advice, one file per expert);
+- metrics: `LiveMetrics` (throttled, batched live messages), `widget_payload` / `expert_phases` (phases per
+  expert for two-expert runs), `metrics_output` (PT_METRICS), `loss_map`, `png_to_image`;
 - exporting: `export_items` (in-memory images -> captioned folders + job entries), `job_file_text`.
 """
 
@@ -24,7 +25,7 @@ import math
 import os
 import re
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -491,13 +492,33 @@ def schedule_mapping(schedule: dict, family_cls, conv_rank: int) -> dict:
 
 # ---------------------------------------------------------------------------------------------- the job
 
+VALIDATION_KEYS = ("every", "items", "patience", "stop_on_plateau")
+
+
+def validation_section(choice: dict | str | None) -> dict | None:
+    """The job file's `validation` section from the Train node's validation option (a DynamicCombo value:
+    {"validation": "off"} or {"validation": "on", "every", "items", "patience", "stop_on_plateau"}); None when
+    off or absent. The other settings keep the job file's defaults (trainer.job.ValidationConfig)."""
+    if choice is None or choice == "off":
+        return None
+    if not isinstance(choice, dict):
+        raise JobError("validation", f"expected the validation option's values, got {choice!r}")
+    state = choice.get("validation", "on")
+    if state == "off":
+        return None
+    if state != "on":
+        raise JobError("validation", f"must be 'off' or 'on', got {state!r}")
+    return {k: choice[k] for k in VALIDATION_KEYS if choice.get(k) is not None}
+
 
 def build_job_mapping(*, job_name: str, model: dict, dataset: Dataset, network: dict, schedule: dict | None,
                       train: dict, output_dir: str | os.PathLike, resume: bool, save_every: int,
-                      keep_last: int = 3) -> dict:
+                      keep_last: int = 3, validation: dict | None = None) -> dict:
     """A job mapping for `trainer.job.parse_job(..., require_datasets=False)` from the nodes' values.
 
-    In-memory items are not part of the mapping; the caller passes them to train() as extra items."""
+    In-memory items are not part of the mapping; the caller passes them to train() as extra items.
+    `validation`: the job's validation section (validation_section) or None. With it, a preset schedule's
+    phases end on a validation-loss plateau, as a job file's `preset:` does (trainer.job)."""
     from .families import get_family
 
     name = check_name(job_name, "job_name")
@@ -507,6 +528,10 @@ def build_job_mapping(*, job_name: str, model: dict, dataset: Dataset, network: 
     net = dict(network)
     if schedule is not None:
         net["alpha_schedule"] = schedule_mapping(schedule, family_cls, int(network.get("conv", 0)))
+        if validation is not None and schedule.get("preset"):
+            for group_phases in (v for k, v in net["alpha_schedule"].items() if k.endswith("_alpha_phases")):
+                for phase in group_phases.values():
+                    phase["exit_criteria"]["source"] = "validation"
     return {
         "job": name,
         "output_dir": str(output_dir),
@@ -515,6 +540,7 @@ def build_job_mapping(*, job_name: str, model: dict, dataset: Dataset, network: 
         "network": net,
         "train": dict(train),
         "save": {"every": int(save_every), "keep_last": int(keep_last), "resume": "latest" if resume else "none"},
+        **({"validation": dict(validation)} if validation is not None else {}),
     }
 
 
@@ -526,6 +552,7 @@ _FIELD_OWNERS = (
     ("datasets", "the dataset nodes"),
     ("train", "this node"),
     ("save", "this node"),
+    ("validation", "this node's validation option"),
     ("job", "this node"),
 )
 
@@ -567,6 +594,7 @@ class LiveMetrics:
         self.history = history
         self.pending: list[dict] = []
         self.phases: list[dict] = []
+        self._expert_seen: dict = {}  # expert -> its last phase_idx (two-expert runs)
         self.sent_messages = 0
         self.sent_rows = 0
         self._last_sent: float | None = None
@@ -587,13 +615,18 @@ class LiveMetrics:
         """Send what is pending (and `done`, once at the end, even with nothing pending)."""
         if not self.pending and not done:
             return None
-        from .metrics import COLUMNS, metrics_payload
+        from .metrics import COLUMNS, metrics_payload, records_to_tensor
 
-        chunk = metrics_payload(self.pending, self.phase_defs) if self.pending else {"rows": [], "phases": [],
-                                                                                      "events": []}
-        for ph in chunk["phases"]:
-            if not self.phases or self.phases[-1]["phase_idx"] != ph["phase_idx"]:
-                self.phases.append(ph)
+        chunk = metrics_payload(self.pending, self._flat_defs()) if self.pending else {
+            "rows": [], "phases": [], "events": []}
+        per_expert = expert_phases(records_to_tensor(self.pending), self.phase_defs, self._expert_seen) \
+            if self.pending else []
+        if per_expert or self._expert_seen:
+            self.phases.extend(per_expert)
+        else:
+            for ph in chunk["phases"]:
+                if not self.phases or self.phases[-1]["phase_idx"] != ph["phase_idx"]:
+                    self.phases.append(ph)
         message = {"node": self.node_id, "reset": self.sent_messages == 0, "job": self.job,
                    "columns": list(COLUMNS), "rows": chunk["rows"], "phases": list(self.phases),
                    "events": chunk["events"], "done": bool(done)}
@@ -604,27 +637,105 @@ class LiveMetrics:
         self.send(message)
         return message
 
+    def _flat_defs(self) -> list:
+        return [] if isinstance(self.phase_defs, dict) else self.phase_defs
+
+
+def _phase_name_and_alpha(defs, idx: int):
+    d = defs[idx] if 0 <= idx < len(defs) else None
+    if d is None:
+        return f"phase {idx}", None
+    if isinstance(d, str):
+        return d, None
+    return d.name, {g: float(a) for g, a in d.alphas.items()}
+
+
+def expert_phases(tensor, phase_defs, seen: dict | None = None) -> list[dict]:
+    """The phases of a two-expert run (Wan 2.2 A14B), one list per expert in step order: [{"name",
+    "phase_idx", "start_step", "alpha", "expert"}], what the widget draws in one lane per expert. [] when no
+    row names an expert.
+
+    The experts take turns and each follows its own copy of the schedule, so a change of phase_idx in row
+    order means nothing; only a change within one expert's rows starts a phase. `phase_defs`: the schedule's
+    phases (Phase objects or names) shared by both experts, or {expert: phases}. `seen` (expert -> last
+    phase_idx) carries the state from one chunk of a live run to the next; it is updated."""
+    from .metrics import COLUMNS, EXPERT_CODES
+
+    seen = {} if seen is None else seen
+    col = {c: i for i, c in enumerate(COLUMNS)}
+    names = {code: name for name, code in EXPERT_CODES.items()}
+    out = []
+    for row in tensor.tolist():
+        e, idx, step = row[col["expert_idx"]], row[col["phase_idx"]], row[col["step"]]
+        if not (math.isfinite(e) and math.isfinite(idx)):
+            continue
+        expert, idx = names.get(int(e), f"expert {int(e)}"), int(idx)
+        if seen.get(expert) == idx:
+            continue
+        seen[expert] = idx
+        defs = phase_defs.get(expert, ()) if isinstance(phase_defs, dict) else (phase_defs or ())
+        name, alpha = _phase_name_and_alpha(list(defs), idx)
+        if alpha is None:  # names only: the alphas logged at the phase's first row
+            alpha = {g: (float(row[col[f"{g}_alpha"]]) if math.isfinite(row[col[f"{g}_alpha"]]) else None)
+                     for g in ("linear", "conv")}
+        out.append({"name": name, "phase_idx": idx, "start_step": int(step), "alpha": alpha, "expert": expert})
+    return out
+
+
+def widget_payload(records_or_tensor, phase_defs, job: str | None = None, events: list | None = None) -> dict:
+    """trainer.metrics.metrics_payload for the widget, with the phases per expert for a two-expert run.
+    `events`: the run's events with their details, to use instead of those the tensor's event codes give."""
+    from .metrics import metrics_payload, records_to_tensor
+
+    flat = [] if isinstance(phase_defs, dict) else list(phase_defs or ())
+    payload = metrics_payload(records_or_tensor, flat)
+    tensor = records_or_tensor if hasattr(records_or_tensor, "tolist") else records_to_tensor(records_or_tensor)
+    per_expert = expert_phases(tensor, phase_defs)
+    if per_expert:
+        payload["phases"] = per_expert
+    if events is not None:
+        payload["events"] = list(events)
+    payload["job"] = job
+    return payload
+
+
+def phase_definitions(job) -> list | dict:
+    """The phases the widget labels: the schedule's, or {expert: phases} for a two-expert family."""
+    net = job.network
+    if net.alpha_schedule_per_expert:
+        from .metrics import EXPERT_CODES
+
+        return {e: list(cfg.phases) for e in EXPERT_CODES if (cfg := net.schedule_for(e)) is not None}
+    return list(net.alpha_schedule.phases) if net.alpha_schedule else []
+
+
+def _names(defs) -> list | dict:
+    if isinstance(defs, dict):
+        return {e: _names(v) for e, v in defs.items()}
+    return [p if isinstance(p, str) else p.name for p in (defs or ())]
+
 
 def metrics_output(records: list, phases, job: str | None = None) -> dict:
-    """The PT_METRICS value: the metrics tensor, its column names, the phases (for labels) and the job name."""
-    from .metrics import COLUMNS, metrics_payload, records_to_tensor
+    """The PT_METRICS value: the metrics tensor, its column names, the phases (names, for labels; {expert:
+    names} for a two-expert run), the phases as the widget draws them, the events with their details (the
+    stop advice's best step) and the job name."""
+    from .metrics import COLUMNS, records_to_tensor
 
     tensor = records_to_tensor(records)
-    names = [p if isinstance(p, str) else p.name for p in (phases or ())]
-    return {"tensor": tensor, "columns": list(COLUMNS), "phase_names": names,
-            "phases": metrics_payload(tensor, names)["phases"], "job": job}
+    names = _names(phases)
+    payload = widget_payload(records, phases, job)
+    return {"tensor": tensor, "columns": list(COLUMNS), "phase_names": names, "phases": payload["phases"],
+            "events": payload["events"], "job": job}
 
 
 def payload_from_metrics(metrics: dict) -> dict:
     """The widget payload for a PT_METRICS value (what the Plot Metrics node shows and stores)."""
-    from .metrics import COLUMNS, metrics_payload
+    from .metrics import COLUMNS
 
     tensor = metrics["tensor"]
     if list(metrics.get("columns", COLUMNS)) != list(COLUMNS):
         raise TrainerError(f"PT_METRICS columns {metrics.get('columns')} are not this version's {list(COLUMNS)}")
-    payload = metrics_payload(tensor, metrics.get("phase_names") or [])
-    payload["job"] = metrics.get("job")
-    return payload
+    return widget_payload(tensor, metrics.get("phase_names") or [], metrics.get("job"), metrics.get("events"))
 
 
 def loss_map(records: list) -> dict:
@@ -649,7 +760,12 @@ def png_to_image(png: bytes):
 
 @dataclass
 class NodeRun:
-    """What the Train node returns: the native LORA_MODEL dict, PT_METRICS, LOSS_MAP, the file, the payload."""
+    """What the Train node returns: the native LORA_MODEL dict, PT_METRICS, LOSS_MAP, the file, the payload.
+
+    Two-expert families (Wan 2.2 A14B): `lora_state` and `lora_path` are the high-noise expert's (the
+    low-noise one's when only that expert trains), `lora_paths` names both files and `lora_low_noise` is the
+    low-noise expert's LORA_MODEL ({} for one-denoiser families). `summary`: lines for the node (the stop
+    advice, the best LoRA, the files)."""
 
     job: Any
     lora_state: dict
@@ -659,6 +775,37 @@ class NodeRun:
     payload: dict
     step: int
     live_messages: int = 0
+    best_lora_path: Path | None = None
+    stop_advice: dict | None = None
+    lora_paths: dict = field(default_factory=dict)
+    lora_low_noise: dict = field(default_factory=dict)
+    summary: list = field(default_factory=list)
+
+
+def run_summary(result) -> list[str]:
+    """What the node shows under its plot after a run: the stop advice, the best LoRA, each expert's file."""
+    from .schedule.stop_advice import format_advice
+
+    lines = []
+    if result.stop_advice:
+        lines.append(format_advice(result.stop_advice))
+    if result.best_lora_path is not None:
+        lines.append(f"best LoRA (lowest validation loss): {Path(result.best_lora_path).name}")
+    if result.lora_paths:
+        lines.append("LoRA per expert: " + ", ".join(f"{e} {Path(p).name}" for e, p in result.lora_paths.items()))
+    return lines
+
+
+def low_noise_lora(result) -> dict:
+    """The low-noise expert's LORA_MODEL (ComfyUI keys, as its file holds them); {} when there is none."""
+    path = (result.lora_paths or {}).get("low_noise")
+    if path is None:
+        return {}
+    if Path(path) == Path(result.lora_path):  # only the low-noise expert trained: it is the main LoRA
+        return result.lora_state
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
 
 
 def parse_node_job(mapping: dict):
@@ -688,7 +835,7 @@ def train_from_nodes(mapping: dict, dataset: Dataset, *, lora_path: str | os.Pat
     from .metrics import read_records
 
     job = parse_node_job(mapping)
-    phases = list(job.network.alpha_schedule.phases) if job.network.alpha_schedule else []
+    phases = phase_definitions(job)
     metrics_path = job.metrics_path
     live = LiveMetrics(node_id, phases, send, job=job.job, min_interval_s=min_interval_s,
                        history=lambda step: read_records(metrics_path) if metrics_path.exists() else [])
@@ -726,13 +873,17 @@ def train_from_nodes(mapping: dict, dataset: Dataset, *, lora_path: str | os.Pat
         raise
     live.flush(done=True)
     metrics = metrics_output(result.records, phases, job.job)
-    from .metrics import metrics_payload
-
-    payload = metrics_payload(result.records, phases)
-    payload["job"] = job.job
+    payload = widget_payload(result.records, phases, job.job)
+    summary = run_summary(result)
+    if summary:
+        payload["summary"] = summary
+    for line in summary:
+        log(line)
     return NodeRun(job=job, lora_state=result.lora_state, metrics=metrics, loss_map=loss_map(result.records),
                    lora_path=Path(result.lora_path), payload=payload, step=result.step,
-                   live_messages=live.sent_messages)
+                   live_messages=live.sent_messages, best_lora_path=result.best_lora_path,
+                   stop_advice=result.stop_advice, lora_paths=dict(result.lora_paths or {}),
+                   lora_low_noise=low_noise_lora(result), summary=summary)
 
 
 # ---------------------------------------------------------------------------------------------- export
