@@ -262,3 +262,38 @@ def test_node_helpers_list_resolve_and_spec(tiny_native_file, tiny_wan21_path, t
                                    output_dir=tmp_path, resume=False, save_every=10)
     assert mapping["model"] == {"family": "wan21", "path": str(path), "dtype": "fp32"}
     parse_job(mapping, require_datasets=False)  # the job file never sees the loading options
+
+
+# ---------------------------------------------------------------------------------------------- ComfyUI conventions
+
+
+def test_comfy_text_conversions_match_the_pipeline_conventions():
+    from trainer.comfy_encoders import escape_comfy_weights, truncate_comfy_tokens, wan_text_from_comfy
+
+    assert escape_comfy_weights(r"a (red:1.2) car \ x") == r"a \(red:1.2\) car \\ x"
+    long = {"umt5xxl": [[(7 + i, 1.0) for i in range(600)] + [(1, 1.0)] + [(0, 1.0)] * 3]}
+    tokens, count = truncate_comfy_tokens(long, 512)
+    seq = tokens["umt5xxl"][0]
+    assert count == 512 and len(seq) == 512 and seq[510][0] == 7 + 510 and seq[511][0] == 1  # 511 + </s>
+    short = {"umt5xxl": [[(9, 1.0), (8, 1.0), (1, 1.0)] + [(0, 1.0)] * 509]}
+    tokens, count = truncate_comfy_tokens(short, 512)
+    assert count == 3 and [t[0] for t in tokens["umt5xxl"][0][:4]] == [9, 8, 1, 0] and len(tokens["umt5xxl"][0]) == 512
+    cond = torch.randn(1, 520, 6)
+    out = wan_text_from_comfy(cond, 3, 512)
+    assert out.shape == (512, 6) and torch.equal(out[:3], cond[0, :3]) and not out[3:].any()
+
+
+def test_comfy_pixel_conversions():
+    from diffusers import AutoencoderKLWan
+
+    from trainer.comfy_encoders import normalize_wan_latents, wan_pixels_to_comfy
+
+    pixels = torch.rand(2, 3, 5, 8, 16) * 2 - 1
+    frames = wan_pixels_to_comfy(pixels)
+    assert len(frames) == 2 and frames[0].shape == (5, 8, 16, 3)
+    assert torch.allclose(frames[1][2, 3, 4], (pixels[1, :, 2, 3, 4] + 1) / 2)
+    cfg = AutoencoderKLWan().config  # the Wan 2.1 VAE's statistics
+    raw = torch.randn(1, 16, 2, 3, 3)
+    mean = torch.tensor(cfg.latents_mean).view(1, 16, 1, 1, 1)
+    std = torch.tensor(cfg.latents_std).view(1, 16, 1, 1, 1)
+    assert torch.allclose(normalize_wan_latents(raw), (raw - mean) / std)

@@ -290,7 +290,7 @@ def load_wan_vae_file(path: str | Path, device: torch.device | str = "cpu"):
                          f"{len(missing)} missing (e.g. {missing[:3]}), {len(unexpected)} unexpected "
                          f"(e.g. {unexpected[:3]})")
     vae.load_state_dict(state, strict=True, assign=True)
-    vae.to(device=device, dtype=torch.float32)
+    vae.to(device)  # float32 already: read as such
     vae.requires_grad_(False)
     vae.eval()
     return vae
