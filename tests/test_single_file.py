@@ -229,6 +229,13 @@ def test_training_from_single_file_equals_training_from_folder(tiny_native_file,
     losses_b = [r["loss"] for r in file_run.records]
     assert len(losses_a) == 12
     assert losses_a == pytest.approx(losses_b, rel=1e-5, abs=1e-7)
+    # the same from a job file alone (what `python -m trainer run` and Export Job use)
+    cli_job = job("cli")
+    cli_job.model.path = str(path)
+    cli_job.model.config = str(tiny_wan21_path / "transformer")
+    cli_job.model.encoders_from = str(tiny_wan21_path)
+    cli_run = train(cli_job)
+    assert [r["loss"] for r in cli_run.records] == pytest.approx(losses_a, rel=1e-5, abs=1e-7)
     for k, v in folder_run.lora_state.items():
         assert torch.allclose(v, file_run.lora_state[k], rtol=1e-4, atol=1e-6), k
 

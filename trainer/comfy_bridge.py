@@ -206,6 +206,24 @@ def load_model_for_nodes(model: dict, dtype, encoders=None, device="cpu"):
     return family
 
 
+# One line per family for the Load Training Model node's tooltip (a test keeps it in step with FAMILIES).
+FAMILY_NOTES = {
+    "sd15": "Stable Diffusion 1.5 (images)",
+    "sdxl": "Stable Diffusion XL (images)",
+    "flux": "FLUX.1 dev / schnell (images)",
+    "wan21": "Wan 2.1 text-to-video, 1.3B / 14B",
+    "wan21_i2v": "Wan 2.1 image-to-video 14B",
+    "wan22_5b": "Wan 2.2 TI2V-5B, text- and image-to-video",
+    "wan22_14b": "Wan 2.2 A14B text-to-video: two experts, one LoRA each (high / low noise)",
+    "wan22_14b_i2v": "Wan 2.2 A14B image-to-video: two experts, one LoRA each (high / low noise)",
+}
+
+
+def family_tooltip(names: Iterable[str]) -> str:
+    """'name: what it trains' for each family, one per line."""
+    return "\n".join(f"{n}: {FAMILY_NOTES.get(n, n)}" for n in sorted(names))
+
+
 _COUNTER_RE = re.compile(r"^(?P<name>.+)_(?P<n>\d{%d,})$" % COUNTER_DIGITS)
 
 
@@ -535,7 +553,9 @@ def build_job_mapping(*, job_name: str, model: dict, dataset: Dataset, network: 
     return {
         "job": name,
         "output_dir": str(output_dir),
-        "model": {k: v for k, v in model.items() if k not in MODEL_SPEC_ONLY},
+        "model": {**{k: v for k, v in model.items() if k not in MODEL_SPEC_ONLY},
+                  **({"config": model["single_file"]["config"]}
+                     if (model.get("single_file") or {}).get("config") else {})},
         "datasets": [dict(c) for c in dataset.configs],
         "network": net,
         "train": dict(train),
@@ -697,6 +717,24 @@ def widget_payload(records_or_tensor, phase_defs, job: str | None = None, events
         payload["events"] = list(events)
     payload["job"] = job
     return payload
+
+
+def own_details(events: list) -> list:
+    """Events with each one's own detail: several events at one step share one detail keyed by event name
+    ({"suggest_stop": {...}, "checkpoint": {...}}); this unpacks it (what trainer.plot reads)."""
+    out = []
+    for e in events or ():
+        d = e.get("detail")
+        if isinstance(d, dict) and isinstance(d.get(e.get("event")), dict):
+            e = {**e, "detail": d[e["event"]]}
+        out.append(e)
+    return out
+
+
+def render_phases(phases: list) -> list:
+    """The phases trainer.plot.render_png can draw (one row of bands): a two-expert run's first expert's."""
+    first = phases[0].get("expert") if phases else None
+    return [p for p in phases if p.get("expert") == first]
 
 
 def phase_definitions(job) -> list | dict:

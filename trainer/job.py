@@ -43,6 +43,11 @@ class ModelConfig:
     family: str
     path: str
     dtype: str = "bf16"
+    # a single model file (ComfyUI's models/diffusion_models): its variant's config (optional, detected from the
+    # weights' shapes), and where the text encoder and VAE come from (a diffusers folder, a ComfyUI VAE file)
+    config: str | None = None
+    encoders_from: str | None = None
+    vae_file: str | None = None
     # two-expert families (Wan 2.2 A14B): which experts get a LoRA
     train_high_noise: bool = True
     train_low_noise: bool = True
@@ -275,15 +280,17 @@ def _str_list(data: dict, key: str, path: str) -> list:
 def _model(data: Any) -> ModelConfig:
     from .families import FAMILIES
 
-    d = _keys(data, "model", ("family", "path", "dtype", "train_high_noise", "train_low_noise"),
-              required=("family", "path"))
+    d = _keys(data, "model", ("family", "path", "dtype", "train_high_noise", "train_low_noise", "config",
+                              "encoders_from", "vae_file"), required=("family", "path"))
     fam = d["family"]
     if not isinstance(fam, str) or fam not in FAMILIES:
         raise JobError("model.family", f"unknown family {_show(fam)}; use one of {', '.join(sorted(FAMILIES))}")
     m = ModelConfig(family=fam, path=_str(d, "path", "model", required=True),
                     dtype=_choice(d, "dtype", "model", "bf16", DTYPES),
                     train_high_noise=_bool(d, "train_high_noise", "model", True),
-                    train_low_noise=_bool(d, "train_low_noise", "model", True))
+                    train_low_noise=_bool(d, "train_low_noise", "model", True),
+                    config=_str(d, "config", "model"), encoders_from=_str(d, "encoders_from", "model"),
+                    vae_file=_str(d, "vae_file", "model"))
     given = [k for k in ("train_high_noise", "train_low_noise") if k in d]
     if given:
         from .families import get_family
@@ -626,6 +633,9 @@ def parse_job(data: Any, base_dir: str | Path | None = None, *, require_datasets
     _check_path_text(model.path, "model.path")
     if _looks_like_path(model.path):
         model.path = resolve(model.path, "model.path")
+    for key in ("config", "encoders_from", "vae_file"):
+        if getattr(model, key):
+            setattr(model, key, resolve(getattr(model, key), f"model.{key}"))
     if save.resume not in (None, "latest"):
         save.resume = resolve(save.resume, "save.resume")
     if validation is not None and validation.folder_path:
@@ -724,7 +734,8 @@ def job_to_dict(job: Job) -> dict:
         per = {e: {k: v for k, v in schedule_dict(c).items() if k.endswith("_alpha_phases")}
                for e, c in net.alpha_schedule_per_expert.items()}
         network.setdefault("alpha_schedule", {"enabled": True})["per_expert"] = per
-    model = asdict(job.model)
+    model = {k: v for k, v in asdict(job.model).items()
+             if v is not None or k not in ("config", "encoders_from", "vae_file")}
     if job.model.train_high_noise and job.model.train_low_noise:
         model.pop("train_high_noise")
         model.pop("train_low_noise")

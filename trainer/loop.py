@@ -175,7 +175,12 @@ def _train(job, callbacks, family, training_set, extra_items, lora_path, acceler
         ckpt.check_compatible(ckpt.read_state(resume_from), resume_from, job_name=job.job,
                               signature=job.network_signature())
         bundle = ckpt.load_bundle(resume_from)  # small next to the model: a bad file shows before any loading
-    if family is None and hasattr(family_cls, "check_folder"):
+    single_file = family is None and Path(job.model.path).is_file()
+    if single_file:
+        from .families.single_file import detect_variant
+
+        detect_variant(job.model.path, config=job.model.config)  # the file's header only: a wrong file in a second
+    elif family is None and hasattr(family_cls, "check_folder"):
         family_cls.check_folder(job.model.path)  # configs only: "not this family" in a second
     from .data.training_set import TrainingSet, scan_datasets
 
@@ -191,7 +196,14 @@ def _train(job, callbacks, family, training_set, extra_items, lora_path, acceler
     set_seed(t.seed)
     if family is None:
         cb.log(f"loading {family_cls.name} from {job.model.path}")
-        family = family_cls.load(job.model.path, dtype=TORCH_DTYPES[job.model.dtype], device=device)
+        if single_file:  # a ComfyUI diffusion-model file; text encoder and VAE from model.encoders_from / vae_file
+            from .families.single_file import load_single_file
+
+            m = job.model
+            family = load_single_file(m.path, TORCH_DTYPES[m.dtype], device, config=m.config,
+                                      encoders_from=m.encoders_from, vae_file=m.vae_file, family=m.family)
+        else:
+            family = family_cls.load(job.model.path, dtype=TORCH_DTYPES[job.model.dtype], device=device)
     if training_set is None:
         training_set = TrainingSet.build(items, family, seed=t.seed, log=cb.log)
     experts = _experts_to_train(job, family)
