@@ -267,8 +267,10 @@ def test_node_helpers_list_resolve_and_spec(tiny_native_file, tiny_wan21_path, t
     mapping = cb.build_job_mapping(job_name="j", model=spec, dataset=Dataset(configs=({"folder_path": "/x"},)),
                                    network={"linear": 4, "linear_alpha": 4}, schedule=None, train={"steps": 2},
                                    output_dir=tmp_path, resume=False, save_every=10)
-    assert mapping["model"] == {"family": "wan21", "path": str(path), "dtype": "fp32"}
-    parse_job(mapping, require_datasets=False)  # the job file never sees the loading options
+    # the job file names the file and the config it needs; the node-only spec stays out
+    assert mapping["model"] == {"family": "wan21", "path": str(path), "dtype": "fp32",
+                                "config": str(tiny_wan21_path / "transformer")}
+    assert parse_job(mapping, require_datasets=False).model.config == str(tiny_wan21_path / "transformer")
 
 
 # ---------------------------------------------------------------------------------------------- ComfyUI conventions
