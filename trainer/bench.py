@@ -53,7 +53,7 @@ class BenchConfig:
     sparse_gop: int = 120                # keyframe interval of the "sparse" clip
     dense_gop: int = 6                   # keyframe interval of the "dense" clip
     sample_frames: int = 17              # frames sampled evenly from each clip
-    sampling_repeats: int = 3
+    sampling_repeats: int = 5
     cache_rounds: int = 3
     image_sizes: tuple = (32, 64, 128, 256)  # pixel sizes of the image scale rows (SD 1.5 latent: size / 8)
     video_frames: tuple = (5, 9, 17, 33)  # frame counts for the video scale rows (Wan 2.1)
