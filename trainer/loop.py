@@ -167,7 +167,9 @@ def _train(job, callbacks, family, training_set, extra_items, lora_path, acceler
                                              gradient_accumulation_steps=t.gradient_accumulation)
     device = accelerator.device
 
-    # ---- cheap checks first: the checkpoint to resume, the model folder's configs, the dataset files ----
+    # ---- cheap checks first: the optimizer, the checkpoint to resume, the model folder, the dataset files ----
+    if t.optimizer == "adamw8bit":
+        _make_optimizer(job, [torch.nn.Parameter(torch.zeros(1))], device)  # bitsandbytes missing: say so now
     ckpt.check_owner(job.checkpoint_dir, job.job)
     resume_from = ckpt.find_resume(job.checkpoint_dir, s.resume)
     bundle = None
@@ -175,7 +177,8 @@ def _train(job, callbacks, family, training_set, extra_items, lora_path, acceler
         ckpt.check_compatible(ckpt.read_state(resume_from), resume_from, job_name=job.job,
                               signature=job.network_signature())
         bundle = ckpt.load_bundle(resume_from)  # small next to the model: a bad file shows before any loading
-    single_file = family is None and Path(job.model.path).is_file()
+    # a single model file, for the families that load one (Wan 2.1); others get check_folder's "is a file"
+    single_file = family is None and Path(job.model.path).is_file() and hasattr(family_cls, "from_single_file")
     if single_file:
         from .families.single_file import detect_variant
 
@@ -225,6 +228,7 @@ def _train(job, callbacks, family, training_set, extra_items, lora_path, acceler
         denoiser.requires_grad_(False)
         if t.gradient_checkpointing and hasattr(denoiser, "enable_gradient_checkpointing"):
             denoiser.enable_gradient_checkpointing()
+            undo.append(denoiser.disable_gradient_checkpointing)  # a caller's cached model gets it back as it was
         unit = _Unit.build(e, job, family, device, lora_path, cb)
         unit.network.apply_to()
         undo.append(unit.network.remove)

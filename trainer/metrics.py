@@ -147,7 +147,10 @@ class MetricsLog:
 
     @staticmethod
     def _line(record: dict) -> str:
-        return json.dumps(strict_json_value(record), allow_nan=False, separators=(",", ":")) + "\n"
+        try:  # almost every record is already strict JSON: skip the walk that maps NaN/Inf/tensors
+            return json.dumps(record, allow_nan=False, separators=(",", ":")) + "\n"
+        except (ValueError, TypeError):
+            return json.dumps(strict_json_value(record), allow_nan=False, separators=(",", ":")) + "\n"
 
     def write(self, record: dict) -> dict:
         """Append one record. A missing/None ``timestamp`` is set (in place) to now, ISO UTC."""
