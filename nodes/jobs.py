@@ -35,13 +35,14 @@ class ExportJob(io.ComfyNode):
     def execute(cls, model, dataset, network, job_name, steps, learning_rate, optimizer, lr_scheduler,
                 warmup_steps, batch_size, gradient_accumulation, seed, save_every, resume, schedule=None,
                 keep_last=3, mixed_precision="auto", gradient_checkpointing=False,
-                max_grad_norm=1.0) -> io.NodeOutput:
+                max_grad_norm=1.0, validation=None) -> io.NodeOutput:
         mapping = job_mapping(model=model, dataset=dataset, network=network, schedule=schedule, job_name=job_name,
                               steps=steps, learning_rate=learning_rate, optimizer=optimizer,
                               lr_scheduler=lr_scheduler, warmup_steps=warmup_steps, batch_size=batch_size,
                               gradient_accumulation=gradient_accumulation, seed=seed, save_every=save_every,
                               resume=resume, keep_last=keep_last, mixed_precision=mixed_precision,
-                              gradient_checkpointing=gradient_checkpointing, max_grad_norm=max_grad_norm)
+                              gradient_checkpointing=gradient_checkpointing, max_grad_norm=max_grad_norm,
+                              validation=validation)
         job = parse_node_job(mapping)  # every setting checked before anything is written
         path = next_free_path(Path(mapping["output_dir"]), mapping["job"], ".yaml")
         if dataset.items:

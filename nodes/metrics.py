@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from comfy_api.latest import io
 
-from trainer.comfy_bridge import payload_from_metrics, png_to_image
+from trainer.comfy_bridge import own_details, payload_from_metrics, png_to_image, render_phases
 from trainer.plot import render_png
 
 from .common import CATEGORY, PREFIX, PTMetrics
@@ -19,8 +19,8 @@ class PlotMetrics(io.ComfyNode):
             node_id=f"{PREFIX}PlotMetrics",
             display_name="Plot Metrics",
             category=CATEGORY,
-            description="Loss (raw and smoothed), alpha, phase bands and transitions, and the exit statistics, "
-                        "as an image (connect Save Image to keep it).",
+            description="Loss (raw and smoothed), alpha, phase bands and transitions, the validation loss and "
+                        "the stop advice, and the exit statistics, as an image (connect Save Image to keep it).",
             inputs=[
                 PTMetrics.Input("metrics"),
                 io.String.Input("title", default="", optional=True, tooltip="Empty: the job name"),
@@ -35,5 +35,9 @@ class PlotMetrics(io.ComfyNode):
     def execute(cls, metrics, title: str = "", width: int = 1000, height: int = 600) -> io.NodeOutput:
         payload = payload_from_metrics(metrics)
         data = metrics["tensor"].detach().cpu().numpy().astype(np.float64)
-        png = render_png(data, payload["phases"], title or metrics.get("job") or "", width=width, height=height)
+        # The run's events with their details give the stop advice's best step; without them (an older
+        # PT_METRICS) render_png finds it from the val_loss column.
+        events = own_details(metrics["events"]) if metrics.get("events") is not None else None
+        png = render_png(data, render_phases(payload["phases"]), title or metrics.get("job") or "", width=width,
+                         height=height, events=events)
         return io.NodeOutput(png_to_image(png), ui={UI_KEY: [payload]})

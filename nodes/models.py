@@ -9,6 +9,7 @@ from trainer.comfy_bridge import (
     MODEL_FILE_FOLDERS,
     TYPED_PATH,
     diffusers_folders,
+    family_tooltip,
     model_file_choices,
     resolve_model_file,
     resolve_model_path,
@@ -41,8 +42,7 @@ class LoadTrainingModel(io.ComfyNode):
                         "or a typed folder path or Hugging Face hub id. Its configs are checked here; the Train "
                         "node loads the weights.",
             inputs=[
-                io.Combo.Input("family", options=sorted(FAMILIES), default="sd15",
-                               tooltip="sd15: Stable Diffusion 1.5 images; wan21: Wan 2.1 text-to-video (1.3B/14B)"),
+                io.Combo.Input("family", options=sorted(FAMILIES), default="sd15", tooltip=family_tooltip(FAMILIES)),
                 io.Combo.Input("diffusers_folder", options=folders + [TYPED_PATH],
                                default=folders[0] if folders else TYPED_PATH,
                                tooltip="A pipeline folder (with model_index.json) below ComfyUI's models/diffusers"),

@@ -11,9 +11,16 @@ import folder_paths
 from comfy_api.latest import io
 from server import PromptServer
 
-from trainer.comfy_bridge import OUTPUT_SUBDIR, build_job_mapping, check_name, next_free_path, train_from_nodes
+from trainer.comfy_bridge import (
+    OUTPUT_SUBDIR,
+    build_job_mapping,
+    check_name,
+    next_free_path,
+    train_from_nodes,
+    validation_section,
+)
 from trainer.errors import InterruptedTraining
-from trainer.job import LR_SCHEDULERS, MIXED_PRECISION, OPTIMIZERS
+from trainer.job import LR_SCHEDULERS, MIXED_PRECISION, OPTIMIZERS, ValidationConfig
 
 from .common import (
     CATEGORY,
@@ -66,7 +73,39 @@ def training_inputs() -> list:
                          tooltip="Less memory, slower steps"),
         io.Float.Input("max_grad_norm", default=1.0, min=0.0, max=1000.0, step=0.1, optional=True,
                        extra_dict=adv, tooltip="Gradient clipping (0: off)"),
+        *validation_input(),
     ]
+
+
+def validation_input() -> list:
+    """The validation option group: off, or on with its settings (a DynamicCombo). Optional and last, so that
+    workflows saved before it existed keep their widget values. A ComfyUI too old for DynamicCombo gets no
+    option (the node still loads; validation is then only available in job files)."""
+    if not hasattr(io, "DynamicCombo"):
+        return []
+    d = ValidationConfig()
+    on = [
+        io.Int.Input("every", default=d.every, min=1, max=10_000_000,
+                     tooltip="Evaluate the validation loss after every N optimizer steps (and at the end)"),
+        io.Int.Input("items", default=d.items, min=1, max=256,
+                     tooltip="Probe items: a fixed sample spread over the training set, each with noise drawn "
+                             "once and fixed timesteps, so only the LoRA changes between evaluations"),
+        io.Int.Input("patience", default=d.patience, min=1, max=10_000,
+                     tooltip="Evaluations without a new best (in the last phase) before the node suggests "
+                             "stopping (the amber 'stop?' line in the plot)"),
+        io.Float.Input("min_delta", default=d.min_delta, min=0.0, max=0.5, step=0.001, round=False,
+                       tooltip="How much better (relative) a validation loss must be to count as a new best: 0.01 "
+                               "= 1% below the best so far. 0: any improvement resets the patience, so a slowly "
+                               "falling curve never gets the advice"),
+        io.Boolean.Input("stop_on_plateau", default=d.stop_on_plateau,
+                         tooltip="End the run (checkpoint and LoRA) when the stop advice fires"),
+    ]
+    return [io.DynamicCombo.Input(
+        "validation", optional=True,
+        options=[io.DynamicCombo.Option("off", []), io.DynamicCombo.Option("on", on)],
+        tooltip="on: a fixed-noise validation loss every N steps, plotted as 'val loss'; the LoRA with the lowest "
+                "one is also saved as <lora>_best.safetensors, and a plateau gives the stop advice. A preset "
+                "schedule's phases then end on a plateau of the validation loss instead of the training loss.")]
 
 
 def encoder_inputs() -> list:
@@ -102,7 +141,7 @@ def comfy_encoders(clip, vae):
 
 def job_mapping(*, model, dataset, network, schedule, job_name, steps, learning_rate, optimizer, lr_scheduler,
                 warmup_steps, batch_size, gradient_accumulation, seed, save_every, resume, keep_last=3,
-                mixed_precision="auto", gradient_checkpointing=False, max_grad_norm=1.0) -> dict:
+                mixed_precision="auto", gradient_checkpointing=False, max_grad_norm=1.0, validation=None) -> dict:
     """The job mapping for the shared inputs; metrics and checkpoints go to output/phase_trainer/<job>/."""
     name = check_name(job_name, "job_name")
     output_dir = Path(folder_paths.get_output_directory()) / OUTPUT_SUBDIR / name
@@ -112,7 +151,7 @@ def job_mapping(*, model, dataset, network, schedule, job_name, steps, learning_
              "gradient_checkpointing": gradient_checkpointing, "max_grad_norm": max_grad_norm}
     return build_job_mapping(job_name=name, model=model, dataset=dataset, network=network, schedule=schedule,
                              train=train, output_dir=output_dir, resume=resume, save_every=save_every,
-                             keep_last=keep_last)
+                             keep_last=keep_last, validation=validation_section(validation))
 
 
 def _accelerator_for_comfyui(mixed_precision: str):
@@ -135,13 +174,25 @@ class Train(io.ComfyNode):
                         "loss, alpha and the phase statistics live in the node. The LoRA goes into "
                         "models/loras (<job_name>_00001.safetensors, never overwritten); the metrics log and "
                         "checkpoints into output/phase_trainer/<job_name>/. Cancel saves a checkpoint and the "
-                        "partial LoRA; queue again with resume on to continue.",
+                        "partial LoRA; queue again with resume on to continue. With validation on, the plot "
+                        "shows the validation loss and the stop advice, and the best LoRA is kept as "
+                        "<lora>_best.safetensors. Wan 2.2 A14B trains both experts: two files, "
+                        "<lora>_high_noise and <lora>_low_noise.",
             inputs=training_inputs() + encoder_inputs(),
             outputs=[
-                LoraModel.Output(display_name="lora", tooltip="For the stock Load LoRA Model / Save LoRA nodes"),
+                LoraModel.Output(display_name="lora",
+                                 tooltip="For the stock Load LoRA Model / Save LoRA nodes. Wan 2.2 A14B: the "
+                                         "high-noise expert's LoRA (the low-noise one's if only that expert "
+                                         "trains); apply it to the high-noise model"),
                 PTMetrics.Output(display_name="metrics", tooltip="For Plot Metrics"),
                 LossMap.Output(display_name="loss_map", tooltip="For the stock Plot Loss Graph node"),
-                io.String.Output(display_name="lora_path", tooltip="The saved .safetensors file"),
+                io.String.Output(display_name="lora_path",
+                                 tooltip="The saved .safetensors file (Wan 2.2 A14B: the high-noise expert's). "
+                                         "The best-by-validation file, each expert's file and the stop advice "
+                                         "are listed under the plot and in the log."),
+                LoraModel.Output(display_name="lora_low_noise",
+                                 tooltip="Wan 2.2 A14B: the low-noise expert's LoRA, for the low-noise model. "
+                                         "Other models: empty (applies nothing)"),
             ],
             hidden=[io.Hidden.unique_id],
             is_output_node=True,
@@ -156,13 +207,14 @@ class Train(io.ComfyNode):
     def execute(cls, model, dataset, network, job_name, steps, learning_rate, optimizer, lr_scheduler,
                 warmup_steps, batch_size, gradient_accumulation, seed, save_every, resume, schedule=None,
                 keep_last=3, mixed_precision="auto", gradient_checkpointing=False,
-                max_grad_norm=1.0, clip=None, vae=None) -> io.NodeOutput:
+                max_grad_norm=1.0, clip=None, vae=None, validation=None) -> io.NodeOutput:
         mapping = job_mapping(model=model, dataset=dataset, network=network, schedule=schedule, job_name=job_name,
                               steps=steps, learning_rate=learning_rate, optimizer=optimizer,
                               lr_scheduler=lr_scheduler, warmup_steps=warmup_steps, batch_size=batch_size,
                               gradient_accumulation=gradient_accumulation, seed=seed, save_every=save_every,
                               resume=resume, keep_last=keep_last, mixed_precision=mixed_precision,
-                              gradient_checkpointing=gradient_checkpointing, max_grad_norm=max_grad_norm)
+                              gradient_checkpointing=gradient_checkpointing, max_grad_norm=max_grad_norm,
+                              validation=validation)
         node_id = str(cls.hidden.unique_id)
         lora_path = next_free_path(folder_paths.get_folder_paths("loras")[0], mapping["job"])
         server = PromptServer.instance
@@ -201,5 +253,5 @@ class Train(io.ComfyNode):
             if mm.get_torch_device().type != "cpu":
                 mm.soft_empty_cache()
         log_line(f"saved {run.lora_path} after {run.step} steps ({run.live_messages} live plot updates)")
-        return io.NodeOutput(run.lora_state, run.metrics, run.loss_map, str(run.lora_path),
+        return io.NodeOutput(run.lora_state, run.metrics, run.loss_map, str(run.lora_path), run.lora_low_noise,
                              ui={UI_KEY: [run.payload]})

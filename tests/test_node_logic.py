@@ -507,8 +507,9 @@ def test_train_from_nodes_runs_cancels_and_resumes(tmp_path, tiny_sd15_path):  #
 
 def test_validation_section_from_the_train_nodes_option():
     assert cb.validation_section(None) is None and cb.validation_section({"validation": "off"}) is None
-    on = {"validation": "on", "every": 25, "items": 3, "patience": 4, "stop_on_plateau": True}
-    assert cb.validation_section(on) == {"every": 25, "items": 3, "patience": 4, "stop_on_plateau": True}
+    on = {"validation": "on", "every": 25, "items": 3, "patience": 4, "min_delta": 0.01, "stop_on_plateau": True}
+    assert cb.validation_section(on) == {"every": 25, "items": 3, "patience": 4, "min_delta": 0.01,
+                                         "stop_on_plateau": True}
     with pytest.raises(JobError) as e:
         cb.validation_section({"validation": "sometimes"})
     assert e.value.field == "validation"
@@ -588,8 +589,8 @@ def test_train_from_nodes_with_validation_stops_and_keeps_the_best(tmp_path, tin
     data = _shapes(tmp_path / "data")
     dataset = cb.folder_dataset(cb.dataset_config(data, resolution="32"), video=False)
     # min_delta 0.5: no evaluation after the first can be a new best, so the advice fires after `patience` more
-    section = {**cb.validation_section({"validation": "on", "every": 2, "items": 2, "patience": 2,
-                                        "stop_on_plateau": True}), "min_delta": 0.5}
+    section = cb.validation_section({"validation": "on", "every": 2, "items": 2, "patience": 2, "min_delta": 0.5,
+                                     "stop_on_plateau": True})
     mapping = cb.build_job_mapping(
         job_name="val", model={"family": "sd15", "path": str(tiny_sd15_path), "dtype": "fp32"}, dataset=dataset,
         network=cb.network_config(linear=4, linear_alpha=4), schedule=None,
@@ -619,8 +620,8 @@ def test_train_from_nodes_with_validation_stops_and_keeps_the_best(tmp_path, tin
     (stop,) = [e for e in payload["events"] if e["event"] == "suggest_stop"]
     detail = stop["detail"].get("suggest_stop", stop["detail"])
     assert detail["best_step"] == 2
-    png = render_png(run.metrics["tensor"].numpy(), payload["phases"], "val", width=300, height=200,
-                     events=payload["events"])
+    png = render_png(run.metrics["tensor"].numpy(), cb.render_phases(payload["phases"]), "val", width=300,
+                     height=200, events=cb.own_details(payload["events"]))
     assert cb.png_to_image(png).shape == (1, 200, 300, 3)
 
 
@@ -657,3 +658,19 @@ def test_train_from_nodes_two_experts_write_two_loras(tmp_path, tiny_wan22_14b_p
     # one lane of phases per expert for the widget
     assert [(p["expert"], p["name"], p["start_step"]) for p in run.payload["phases"]] == [
         ("high_noise", "low", 1), ("low_noise", "low", 2)]
+
+
+def test_own_details_render_phases_and_the_family_tooltip():
+    from trainer.families import FAMILIES
+
+    advice = {"best_step": 6}
+    events = [{"step": 10, "event": "suggest_stop", "detail": {"suggest_stop": advice, "checkpoint": {"path": "p"}}},
+              {"step": 10, "event": "checkpoint", "detail": {"suggest_stop": advice, "checkpoint": {"path": "p"}}},
+              {"step": 12, "event": "suggest_stop", "detail": advice}, {"step": 13, "event": "resume", "detail": None}]
+    assert [e["detail"] for e in cb.own_details(events)] == [advice, {"path": "p"}, advice, None]
+    phases = cb.widget_payload(_moe_records(), ["p0", "p1"])["phases"]
+    assert [(p["name"], p["start_step"]) for p in cb.render_phases(phases)] == [("p0", 1), ("p1", 21)]
+    assert cb.render_phases([{"name": "a", "start_step": 1}]) == [{"name": "a", "start_step": 1}]
+    tip = cb.family_tooltip(FAMILIES).splitlines()
+    assert [line.split(":")[0] for line in tip] == sorted(FAMILIES)
+    assert set(cb.FAMILY_NOTES) == set(FAMILIES)

@@ -834,3 +834,26 @@ def test_two_experts_tooltip_names_each_experts_phase(page):
         page.evaluate(NEXT_FRAME)
         lines = page.evaluate("() => window.plot.tooltipLines()")
         assert lines[0] == f"step {step}" and any(line.startswith(want) for line in lines), lines
+
+
+def test_extension_shows_the_runs_summary_under_the_plot_and_keeps_it(ext_page):
+    payload = advice_payload()
+    payload["summary"] = ["suggest stop at step 249: validation loss plateau for 1 evaluations; best step 199 "
+                          "(val_loss 0.17)", "best LoRA (lowest validation loss): test_job_00001_best.safetensors"]
+    ev(ext_page, "(p) => { window.a = harness.create('PhaseTrainerTrain', 3);"
+                 " a.onExecuted({phase_trainer_metrics: [p]}); }", payload)
+    ext_page.evaluate(NEXT_FRAME)
+    caption = ext_page.evaluate("""() => { const c = a.phaseTrainerPlot.caption, r = c.getBoundingClientRect();
+        return {text: c.innerText, visible: getComputedStyle(c).display !== 'none', h: r.height,
+                canvasH: a.phaseTrainerPlot.canvas.getBoundingClientRect().height}; }""")
+    assert caption["visible"] and caption["text"].splitlines() == payload["summary"]
+    assert caption["h"] > 20 and abs(caption["canvasH"] + caption["h"] - 260) <= 1  # the plot makes room
+    # stored with the workflow: a reload shows it again
+    saved = ext_page.evaluate("() => JSON.parse(JSON.stringify({properties: a.properties}))")
+    assert saved["properties"]["phase_trainer_last_metrics"]["summary"] == payload["summary"]
+    ev(ext_page, "(info) => { window.r = harness.create('PhaseTrainerTrain', 3); harness.configure(r, info); }", saved)
+    assert ext_page.evaluate("() => r.phaseTrainerPlot.caption.innerText").splitlines() == payload["summary"]
+    # a new run (reset) clears it
+    ev(ext_page, "(m) => harness.send(m)", {"node": "3", "reset": True, "columns": COLUMNS,
+                                            "rows": payload["rows"][:5], "phases": PHASES, "events": []})
+    assert ext_page.evaluate("() => getComputedStyle(a.phaseTrainerPlot.caption).display") == "none"

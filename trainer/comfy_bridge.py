@@ -510,13 +510,13 @@ def schedule_mapping(schedule: dict, family_cls, conv_rank: int) -> dict:
 
 # ---------------------------------------------------------------------------------------------- the job
 
-VALIDATION_KEYS = ("every", "items", "patience", "stop_on_plateau")
+VALIDATION_KEYS = ("every", "items", "patience", "min_delta", "stop_on_plateau")
 
 
 def validation_section(choice: dict | str | None) -> dict | None:
     """The job file's `validation` section from the Train node's validation option (a DynamicCombo value:
-    {"validation": "off"} or {"validation": "on", "every", "items", "patience", "stop_on_plateau"}); None when
-    off or absent. The other settings keep the job file's defaults (trainer.job.ValidationConfig)."""
+    {"validation": "off"} or {"validation": "on", "every", "items", "patience", "min_delta", "stop_on_plateau"});
+    None when off or absent. The other settings keep the job file's defaults (trainer.job.ValidationConfig)."""
     if choice is None or choice == "off":
         return None
     if not isinstance(choice, dict):

@@ -21,10 +21,21 @@ class NodePlot {
   constructor(node) {
     this.node = node;
     this.container = document.createElement("div");
-    this.container.style.cssText = "position:relative;width:100%;height:100%;min-height:120px;overflow:hidden;";
+    this.container.style.cssText =
+      "position:relative;width:100%;height:100%;min-height:120px;overflow:hidden;display:flex;flex-direction:column;";
+    // The canvas fills what the caption leaves; the caption (the run's summary: stop advice, best LoRA, files)
+    // is plain text, hidden until a run reports one.
+    this.canvasBox = document.createElement("div");
+    this.canvasBox.style.cssText = "position:relative;flex:1 1 auto;min-height:0;";
     this.canvas = document.createElement("canvas");
     this.canvas.style.cssText = "display:block;width:100%;height:100%;";
-    this.container.appendChild(this.canvas);
+    this.canvasBox.appendChild(this.canvas);
+    this.caption = document.createElement("div");
+    this.caption.className = "phase-trainer-summary";
+    this.caption.style.cssText =
+      "display:none;flex:0 0 auto;padding:3px 6px;font:11px system-ui,sans-serif;color:#c9d1d9;background:#15171c;" +
+      "white-space:pre-wrap;overflow-wrap:anywhere;max-height:64px;overflow:auto;user-select:text;";
+    this.container.append(this.canvasBox, this.caption);
     this.plot = new MetricsPlot(this.canvas, {
       toggles: node.properties?.[STORED_TOGGLES] || {},
       onToggle: (toggles) => this._setProperty(STORED_TOGGLES, toggles),
@@ -41,7 +52,7 @@ class NodePlot {
       const box = entries[entries.length - 1].contentRect;
       this.plot.resize(box.width, box.height);
     });
-    this.observer.observe(this.container);
+    this.observer.observe(this.canvasBox);
     plots.add(this);
   }
 
@@ -52,13 +63,21 @@ class NodePlot {
 
   onLive(detail) {
     this.plot.update(detail);
+    this.showSummary();
     if (detail.done) this.store();
   }
 
   restore(payload) {
     if (!payload || !Array.isArray(payload.rows)) return false;
     this.plot.setPayload(payload);
+    this.showSummary();
     return true;
+  }
+
+  showSummary() {
+    const lines = this.plot.data.summary || [];
+    this.caption.textContent = lines.join("\n");
+    this.caption.style.display = lines.length ? "block" : "none";
   }
 
   store() {

@@ -5,7 +5,8 @@
 //
 // Payload (trainer/metrics.py `metrics_payload`):
 //   {columns: [...names], rows: [[number|null per column], ...], phases: [{name, start_step, alpha, expert?}],
-//    events: [{step, event, detail}], job}
+//    events: [{step, event, detail}], job, summary?: [lines]}
+// summary: what the run ended with (the stop advice, the best LoRA, the files), shown under the node's plot.
 // Columns are always looked up by name: the Python side may append new ones.
 
 export const THEME = {
@@ -72,6 +73,7 @@ export class MetricsData {
     this.phases = [];
     this.events = [];
     this.job = null;
+    this.summary = [];
     this.stepsSorted = true;
     this.version = (this.version || 0) + 1;
   }
@@ -82,6 +84,7 @@ export class MetricsData {
     this.phases = Array.isArray(payload.phases) ? payload.phases : [];
     this.events = Array.isArray(payload.events) ? payload.events.slice() : [];
     this.job = payload.job ?? null;
+    this.summary = Array.isArray(payload.summary) ? payload.summary.map(String) : [];
     this.append(payload.columns || [], payload.rows || []);
   }
 
@@ -131,7 +134,9 @@ export class MetricsData {
     const rows = new Array(this.length);
     const arrays = this.columns.map((n) => this.cols[n]);
     for (let i = 0; i < this.length; i++) rows[i] = arrays.map((a) => a[i]);
-    return { columns: this.columns.slice(), rows, phases: this.phases, events: this.events, job: this.job };
+    const payload = { columns: this.columns.slice(), rows, phases: this.phases, events: this.events, job: this.job };
+    if (this.summary.length) payload.summary = this.summary.slice();
+    return payload;
   }
 }
 
@@ -1104,6 +1109,7 @@ export class MetricsPlot {
     if (detail.reset) this.data.clear();
     if (Array.isArray(detail.phases) && detail.phases.length) this.data.phases = detail.phases;
     if (detail.job) this.data.job = detail.job;
+    if (Array.isArray(detail.summary)) this.data.summary = detail.summary.map(String);
     if (detail.events) this.data.mergeEvents(detail.events);
     if (detail.rows && detail.rows.length) this.data.append(detail.columns, detail.rows);
     this.data.version++;
