@@ -34,7 +34,11 @@ WAN_FILE = "tiny_wan_t2v.safetensors"
 TE_FILE = "tiny_umt5.safetensors"
 VAE_FILE = "tiny_wan_vae.safetensors"
 WAN_FOLDER = "tiny-wan21-diffusers"
-CLIPS = "sf_clips"
+CLIPS = "my_clips"
+WORKFLOW = "wan21_from_comfyui_files"
+WF_MODEL = "wan2.1_t2v_1.3B_fp16.safetensors"
+WF_TEXT = "umt5_xxl_fp8_e4m3fn_scaled.safetensors"
+WF_VAE = "wan_2.1_vae.safetensors"
 CAPTIONS = [
     "a moving texture number 3",
     "a (red:1.5) fox \\ jumps, over the [lazy] dog",   # ComfyUI weight syntax and its escape character
@@ -64,6 +68,9 @@ def models(tmp_path_factory):
     work = tmp_path_factory.mktemp("single_file")
     base = comfy_env.prepare_base_dir(work / "base", {"phase-trainer": REPO,
                                                       "comfy_tiny_umt5": HERE / "comfy_tiny_umt5"})
+    from tests.e2e.test_comfyui_nodes import SETTINGS  # no minimap etc. in the thumbnail
+
+    (base / "user" / "default" / "comfy.settings.json").write_text(json.dumps(SETTINGS))
     for sub in ("text_encoders", "vae", "diffusers"):
         (base / "models" / sub).mkdir(parents=True, exist_ok=True)
     text = build_tiny_umt5(work / "umt5")
@@ -86,6 +93,10 @@ def models(tmp_path_factory):
     from tests.e2e.test_comfyui_nodes import make_clip_folder
 
     make_clip_folder(base / "input" / CLIPS, count=2, frames=5, size=32)
+    # The names the workflow uses (a real user's files), here the tiny weights under them.
+    for sub, tiny, real in (("diffusion_models", WAN_FILE, WF_MODEL), ("text_encoders", TE_FILE, WF_TEXT),
+                            ("vae", VAE_FILE, WF_VAE)):
+        (base / "models" / sub / real).symlink_to(base / "models" / sub / tiny)
     return {"root": root, "python": python, "base": base, "work": work, "folder": folder, "text": text}
 
 
@@ -175,6 +186,22 @@ def _losses(base: Path, job: str) -> list[float]:
     return losses
 
 
+def _start(models) -> comfy_env.ComfyServer:
+    # Both variables reach only the server's process: one thread (tiny ops on a busy 2-core machine) and the
+    # tiny UMT5 config for tests/e2e/comfy_tiny_umt5.
+    extra_env = {"OMP_NUM_THREADS": "1", "PT_TINY_UMT5_CONFIG": str(models["text"]["comfy_config"])}
+    saved = {k: os.environ.get(k) for k in extra_env}
+    os.environ.update(extra_env)
+    try:
+        return comfy_env.start_server(models["base"], root=models["root"], python=models["python"])
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def test_graph_of_comfyui_files_trains_a_lora_that_loads_back_and_matches_the_diffusers_folder(models):
     base = models["base"]
     config = models["folder"] / "transformer" / "config.json"  # tiny size: no released variant matches
@@ -182,19 +209,7 @@ def test_graph_of_comfyui_files_trains_a_lora_that_loads_back_and_matches_the_di
         "model_file": f"diffusion_models/{WAN_FILE}", "dtype": "fp32", "config": str(config)}}
     folder_model = {"class_type": "PhaseTrainerLoadModel", "inputs": {
         "family": "wan21", "diffusers_folder": WAN_FOLDER, "dtype": "fp32"}}
-    # Both variables reach only the server's process: one thread (tiny ops on a busy 2-core machine) and the
-    # tiny UMT5 config for tests/e2e/comfy_tiny_umt5.
-    extra_env = {"OMP_NUM_THREADS": "1", "PT_TINY_UMT5_CONFIG": str(models["text"]["comfy_config"])}
-    saved = {k: os.environ.get(k) for k in extra_env}
-    os.environ.update(extra_env)
-    try:
-        server = comfy_env.start_server(base, root=models["root"], python=models["python"])
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    server = _start(models)
     with server:
         info = server.object_info()
         assert "PhaseTrainerLoadModelFile" in info and "CLIPLoader" in info
@@ -215,3 +230,96 @@ def test_graph_of_comfyui_files_trains_a_lora_that_loads_back_and_matches_the_di
     assert result["model_config"] == "WAN21_T2V"
     assert result["not_loaded"] == [] and result["not_patched"] == [], result["not_loaded"][:5]
     assert result["patches_applied"] > 0 and all(v > 0 for v in result["max_abs_delta"].values())
+
+
+def _workflow_spec() -> dict:
+    note = ("Wan 2.1 T2V LoRA from the files ComfyUI already has: no diffusers folder, no second download.\n\n"
+            f"1. models/diffusion_models: the Wan 2.1 model file (here {WF_MODEL}); 1.3B/14B T2V are detected "
+            "from its weights.\n"
+            f"2. models/text_encoders: umt5 ({WF_TEXT}); models/vae: the Wan 2.1 VAE ({WF_VAE}).\n"
+            f"3. Clips (mp4/webm/mov/mkv) with same-name .txt captions in ComfyUI/input/{CLIPS}/.\n"
+            "4. Queue. Captions and clips are encoded once with this CLIP and VAE and cached; then the encoders "
+            "are released for training. The LoRA lands in models/loras for the stock LoraLoader.")
+    return {
+        "nodes": {
+            "note": ("Note", (20, 20), {"text": note}, "Read me"),
+            "model": ("PhaseTrainerLoadModelFile", (20, 300),
+                      {"model_file": f"diffusion_models/{WF_MODEL}", "dtype": "bf16"}, None),
+            "clip": ("CLIPLoader", (20, 470), {"clip_name": WF_TEXT, "type": "wan"}, None),
+            "vae": ("VAELoader", (20, 640), {"vae_name": WF_VAE}, None),
+            "data": ("PhaseTrainerVideoFolderDataset", (20, 760),
+                     {"folder": CLIPS, "resolution": "480", "trigger_word": "ohwx", "num_frames": 33}, None),
+            "net": ("PhaseTrainerLoRANetwork", (470, 20), {"linear": 32, "linear_alpha": 32, "conv": 0,
+                                                           "conv_alpha": 0}, None),
+            "sched": ("PhaseTrainerAlphaSchedulePreset", (470, 330),
+                      {"preset": "video", "group": "auto", "foundation_min_steps": 600, "balance_min_steps": 900,
+                       "emphasis_min_steps": 600}, None),
+            "train": ("PhaseTrainerTrain", (920, 20), {"job_name": "my_wan_lora", "steps": 3000,
+                                                       "learning_rate": 1e-4, "batch_size": 1, "save_every": 250,
+                                                       "gradient_checkpointing": True}, None),
+            "plot": ("PhaseTrainerPlotMetrics", (1400, 20), {}, None),
+            "save": ("SaveImage", (1400, 560), {"filename_prefix": "phase_trainer/my_wan_lora_metrics"}, None),
+        },
+        "links": [("model", "model", "train", "model"), ("clip", "CLIP", "train", "clip"),
+                  ("vae", "VAE", "train", "vae"), ("data", "dataset", "train", "dataset"),
+                  ("net", "network", "train", "network"), ("sched", "schedule", "train", "schedule"),
+                  ("train", "metrics", "plot", "metrics"), ("plot", "image", "save", "images")],
+    }
+
+
+def test_workflow_from_comfyui_files_loads_in_the_frontend_and_trains(models):
+    """workflows/wan21_from_comfyui_files.json (built in the real frontend; PT_WRITE_WORKFLOWS=1 rewrites it and
+    its thumbnail) loads with every node known, converts to API format and, shrunk to the tiny weights, trains
+    a LoRA that loads back with zero unloaded keys."""
+    from tests.e2e import test_comfyui_nodes as nodes_test
+
+    if not Path(nodes_test.CHROMIUM).exists():
+        pytest.skip(f"no {nodes_test.CHROMIUM} (Debian's chromium package)")
+    sync_api = pytest.importorskip("playwright.sync_api")
+    base = models["base"]
+    with _start(models) as server, sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=nodes_test.CHROMIUM, args=nodes_test.CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1600, "height": 1000})
+        page.goto(server.url)
+        page.wait_for_function("window.app && window.app.graph && window.LiteGraph", timeout=120_000)
+        if os.environ.get("PT_WRITE_WORKFLOWS"):
+            _write_workflow(page, nodes_test)
+        result = page.evaluate(nodes_test.LOAD_AND_CONVERT_JS,
+                               json.loads((REPO / "workflows" / f"{WORKFLOW}.json").read_text()))
+        browser.close()
+        assert result["missing"] == []
+        api = result["output"]
+        types = sorted(node["class_type"] for node in api.values())
+        assert {"PhaseTrainerLoadModelFile", "CLIPLoader", "VAELoader", "PhaseTrainerTrain"} <= set(types)
+        assert "PhaseTrainerLoadModel" not in types  # nothing from a diffusers folder
+        api = nodes_test.tiny_run(api, steps=2, job="wf_files")
+        for node in api.values():
+            if node["class_type"] == "PhaseTrainerLoadModelFile":  # the tiny size is no released variant
+                node["inputs"].update(dtype="fp32", config=str(models["folder"] / "transformer" / "config.json"))
+        server.run_prompt(api, timeout=900)
+    (lora,) = sorted(p for p in (base / "models" / "loras").glob("wf_files_*.safetensors") if "_step" not in p.name)
+    result = comfy_env.probe(base / "models" / "diffusion_models" / WF_MODEL, lora)
+    assert result["model_config"] == "WAN21_T2V"
+    assert result["not_loaded"] == [] and result["not_patched"] == [] and result["patches_applied"] > 0
+
+
+def _write_workflow(page, nodes_test) -> None:
+    from PIL import Image
+
+    out = REPO / "workflows"
+    result = page.evaluate(nodes_test.BUILD_GRAPH_JS, _workflow_spec())
+    assert result["problems"] == [], result["problems"]
+    page.evaluate(nodes_test.FIT_VIEW_JS, list(nodes_test.VIEW_RECT))
+    graph = json.loads(page.evaluate("async () => JSON.stringify((await app.graphToPrompt()).workflow)"))
+    path = out / f"{WORKFLOW}.json"
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(graph, indent=1) + "\n")
+    os.replace(tmp, path)
+    page.wait_for_timeout(600)  # DOM widgets follow the canvas on the next frames
+    shot = out / f".{WORKFLOW}.full.png"
+    x0, y0, x1, y1 = nodes_test.VIEW_RECT
+    page.screenshot(path=str(shot), clip={"x": x0, "y": y0, "width": x1 - x0, "height": y1 - y0})
+    with Image.open(shot) as img:
+        img.thumbnail((800, 450))
+        img.convert("RGB").save(out / f"{WORKFLOW}.png", optimize=True)
+    shot.unlink()
