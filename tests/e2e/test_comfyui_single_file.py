@@ -58,6 +58,8 @@ def _run(cmd: list, root: Path, env: dict | None = None) -> str:
 def models(tmp_path_factory):
     """The tiny weights as ComfyUI files (under a ComfyUI base dir) and as a diffusers folder."""
     root, python = comfy_env.require_comfyui()
+    pytest.importorskip("google.protobuf", reason="transformers' SentencePiece converter needs protobuf")
+    pytest.importorskip("sentencepiece")
     from safetensors.torch import save_file
 
     from tests.e2e.tiny_models import save_safetensors, tiny_wan_transformer, wan_native_state_dict
