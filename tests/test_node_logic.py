@@ -640,21 +640,29 @@ def test_train_from_nodes_two_experts_write_two_loras(tmp_path, tiny_wan22_14b_p
         job_name="moe", model={"family": "wan22_14b", "path": str(tiny_wan22_14b_path), "dtype": "fp32"},
         dataset=dataset, network=cb.network_config(linear=4, linear_alpha=4), schedule=chain,
         train={"steps": 4, "lr": 1e-3, "seed": 1, "switch_boundary_every": 1}, output_dir=tmp_path / "out",
-        resume=False, save_every=50)
+        resume=False, save_every=50, validation={"every": 1, "items": 1})
     loras = tmp_path / "loras"
     run = cb.train_from_nodes(mapping, dataset, lora_path=cb.next_free_path(loras, "moe"), node_id="2",
                               send=lambda m: None, progress=lambda s, t: None, interrupted=lambda: False,
                               log=lambda m: None, min_interval_s=0.0)
     high, low = loras / "moe_00001_high_noise.safetensors", loras / "moe_00001_low_noise.safetensors"
     assert run.lora_paths == {"high_noise": high, "low_noise": low} and run.lora_path == high
-    assert sorted(p.name for p in loras.iterdir()) == [high.name, low.name]
+    best = {e: cb.best_path_for(p) for e, p in run.lora_paths.items()}
+    assert best == {"high_noise": loras / "moe_00001_high_noise_best.safetensors",
+                    "low_noise": loras / "moe_00001_low_noise_best.safetensors"}
+    assert sorted(p.name for p in loras.iterdir()) == sorted([high.name, low.name] + [p.name for p in best.values()])
     assert cb.next_free_path(loras, "moe").name == "moe_00002.safetensors"
     for state, path in ((run.lora_state, high), (run.lora_low_noise, low)):
         on_disk = load_file(str(path))
         assert sorted(on_disk) == sorted(state) and all(torch.equal(on_disk[k], state[k]) for k in on_disk)
     assert any(not torch.equal(run.lora_state[k], run.lora_low_noise[k]) for k in run.lora_state
                if k.endswith("lora_up.weight"))
-    assert run.summary == [f"LoRA per expert: high_noise {high.name}, low_noise {low.name}"]
+    assert run.summary == [f"LoRA per expert: high_noise {high.name}, low_noise {low.name}",
+                           "best LoRA per expert (lowest validation loss): high_noise moe_00001_high_noise_best"
+                           ".safetensors, low_noise moe_00001_low_noise_best.safetensors"]
+    # each expert is validated on its own steps
+    val = [(r[0], r[COLUMNS.index("expert_idx")]) for r in run.payload["rows"] if r[COLUMNS.index("val_loss")]]
+    assert val == [(1, 0), (2, 1), (3, 0), (4, 1)]
     # one lane of phases per expert for the widget
     assert [(p["expert"], p["name"], p["start_step"]) for p in run.payload["phases"]] == [
         ("high_noise", "low", 1), ("low_noise", "low", 2)]

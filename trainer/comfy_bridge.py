@@ -827,11 +827,23 @@ def run_summary(result) -> list[str]:
     lines = []
     if result.stop_advice:
         lines.append(format_advice(result.stop_advice))
-    if result.best_lora_path is not None:
-        lines.append(f"best LoRA (lowest validation loss): {Path(result.best_lora_path).name}")
     if result.lora_paths:
         lines.append("LoRA per expert: " + ", ".join(f"{e} {Path(p).name}" for e, p in result.lora_paths.items()))
+        # each expert keeps its own best file beside its LoRA (the run's counter is new, so these are this run's)
+        best = {e: best_path_for(p) for e, p in result.lora_paths.items()}
+        best = {e: p for e, p in best.items() if p.is_file()}
+        if best:
+            lines.append("best LoRA per expert (lowest validation loss): "
+                         + ", ".join(f"{e} {p.name}" for e, p in best.items()))
+    elif result.best_lora_path is not None:
+        lines.append(f"best LoRA (lowest validation loss): {Path(result.best_lora_path).name}")
     return lines
+
+
+def best_path_for(lora_path: str | os.PathLike) -> Path:
+    """Where the loop keeps the best-by-validation weights of `lora_path`: <stem>_best.safetensors beside it."""
+    path = Path(lora_path)
+    return path.with_name(f"{path.stem}_best{path.suffix or LORA_SUFFIX}")
 
 
 def low_noise_lora(result) -> dict:

@@ -16,11 +16,12 @@ no missing node type and converts to API format; each runs through to a LoRA in 
 LoRA loader applies with zero unloaded keys (tests/e2e/probe_lora_keys.py); the live plot gets >= 2
 phase_trainer.metrics messages and draws them; Cancel leaves a checkpoint and a resumed run continues from
 it; Export Job writes a job file the CLI accepts; Plot Metrics and the native LORA_MODEL / LOSS_MAP outputs
-feed ComfyUI's stock nodes.
+feed ComfyUI's stock nodes; a run with the Train node's validation option on plots the validation loss and
+the stop advice in the node, stops on the plateau and keeps the best LoRA.
 
 Regenerate the workflows and their thumbnails (built with LiteGraph in the real frontend, then serialized):
     PT_WRITE_WORKFLOWS=1 COMFYUI_ROOT=... pytest tests/e2e/test_comfyui_nodes.py -k workflows
-The screenshot docs/comfyui_train_node.png is rewritten by every run of the image workflow test.
+The screenshot docs/comfyui_train_node.png (the README's) is rewritten by every run of the validation test.
 """
 
 from __future__ import annotations
@@ -54,9 +55,10 @@ SAMPLE_WF = "sample_then_train_sd15"
 ALL_WORKFLOWS = (IMAGE_WF, VIDEO_WF, SAMPLE_WF)
 
 NODE_IDS = (
-    "PhaseTrainerLoadModel", "PhaseTrainerImageFolderDataset", "PhaseTrainerVideoFolderDataset",
-    "PhaseTrainerImagesToDataset", "PhaseTrainerMergeDatasets", "PhaseTrainerLoRANetwork", "PhaseTrainerAlphaPhase",
-    "PhaseTrainerAlphaSchedulePreset", "PhaseTrainerTrain", "PhaseTrainerPlotMetrics", "PhaseTrainerExportJob",
+    "PhaseTrainerLoadModel", "PhaseTrainerLoadModelFile", "PhaseTrainerImageFolderDataset",
+    "PhaseTrainerVideoFolderDataset", "PhaseTrainerImagesToDataset", "PhaseTrainerMergeDatasets",
+    "PhaseTrainerLoRANetwork", "PhaseTrainerAlphaPhase", "PhaseTrainerAlphaSchedulePreset", "PhaseTrainerTrain",
+    "PhaseTrainerPlotMetrics", "PhaseTrainerExportJob",
 )
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -564,7 +566,18 @@ def test_pack_loads_and_object_info_lists_every_node(comfy):
     assert sorted(ours) == sorted(NODE_IDS)
     assert {v["category"] for v in ours.values()} == {"Phase Trainer"}
     train = info["PhaseTrainerTrain"]
-    assert train["output"] == ["LORA_MODEL", "PT_METRICS", "LOSS_MAP", "STRING"]
+    assert train["output"] == ["LORA_MODEL", "PT_METRICS", "LOSS_MAP", "STRING", "LORA_MODEL"]
+    assert train["output_name"][-1] == "lora_low_noise"
+    # the validation option group: off, or on with its settings; optional and after every older widget
+    kind, spec = train["input"]["optional"]["validation"]
+    assert kind == "COMFY_DYNAMICCOMBO_V3" and [o["key"] for o in spec["options"]] == ["off", "on"]
+    assert sorted(spec["options"][1]["inputs"]["required"]) == sorted(
+        ["every", "items", "patience", "min_delta", "stop_on_plateau"])
+    assert train["input_order"]["optional"].index("validation") > train["input_order"]["optional"].index(
+        "max_grad_norm")
+    tip = info["PhaseTrainerLoadModel"]["input"]["required"]["family"][1]["tooltip"]
+    assert all(f"{name}:" in tip for name in info["PhaseTrainerLoadModel"]["input"]["required"]["family"][1][
+        "options"]), tip
     assert train["output_node"] is True and "unique_id" in train["input"]["hidden"]
     # the native types are the stock training nodes' own
     assert "LORA_MODEL" in json.dumps(info["LoraModelLoader"]["input"]) and "LOSS_MAP" in json.dumps(
@@ -662,24 +675,6 @@ def test_image_workflow_in_the_browser_live_plot_cancel_and_resume(comfy, page):
     assert f"resumed from {checkpoints[-1]}" in log
     assert len(new_loras(comfy, job)) == 1
 
-    # the plot in the node, as a user sees it after the run
-    SCREENSHOT.parent.mkdir(exist_ok=True)
-    box = page.evaluate("""() => {
-      const n = app.graph._nodes.find((n) => n.type === "PhaseTrainerTrain");
-      const ds = app.canvas.ds, title = LiteGraph.NODE_TITLE_HEIGHT || 30;
-      const grow = 620 - n.size[0];
-      for (const other of app.graph._nodes) if (other.pos[0] > n.pos[0]) other.pos[0] += grow + 40;
-      n.size = [n.size[0] + grow, n.size[1] + 160];
-      const rect = app.canvas.canvas.getBoundingClientRect();
-      ds.scale = Math.min(1.3, 880 / (n.size[1] + title));
-      ds.offset = [(120 - rect.left) / ds.scale - n.pos[0], (100 - rect.top) / ds.scale - n.pos[1] + title];
-      app.canvas.setDirty(true, true); app.canvas.draw(true, true);
-      return { x: 110, y: 90, width: n.size[0] * ds.scale + 20, height: (n.size[1] + title) * ds.scale + 20 };
-    }""")
-    page.wait_for_timeout(800)
-    page.screenshot(path=str(SCREENSHOT), clip=box)
-    assert SCREENSHOT.stat().st_size > 20_000
-
     # a reload brings the plot back from the workflow the frontend keeps. The frontend saves the workflow when
     # a user interaction shows it changed (its change tracker runs on mouse-up and key presses), so click an
     # empty spot of the canvas first, as anyone does after a run.
@@ -702,6 +697,111 @@ def test_image_workflow_in_the_browser_live_plot_cancel_and_resume(comfy, page):
     page.wait_for_function(f"(() => {{ try {{ return {train_plot}.length > 0; }} catch (e) {{ return false; }} }})()",
                            timeout=60_000)
     assert page.evaluate(f"{train_plot}.length") >= 100  # stored decimated to at most 2000 rows
+    assert page.errors == []
+
+
+def test_train_with_validation_in_the_browser_plots_val_loss_and_the_stop_advice(comfy, page):
+    """The image workflow with the Train node's validation option switched on in the real frontend (the
+    DynamicCombo's widgets appear and convert to API inputs): the plot draws the validation points live, the
+    stop advice fires on the plateau and ends the run (stop_on_plateau), the node shows the advice and the best
+    LoRA under the plot, and <lora>_best.safetensors is in models/loras. Writes the README screenshot."""
+    steps, job, every = 600, "browser_val", 20
+    assert convert(page, IMAGE_WF)["missing"] == []
+    page.evaluate("""([steps, job, model, every]) => {
+      window.__pt = { live: [], done: [] };
+      const { api } = window.comfyAPI.api;
+      api.addEventListener("phase_trainer.metrics", (e) => window.__pt.live.push(e.detail));
+      for (const t of ["execution_success", "execution_interrupted", "execution_error"]) {
+        api.addEventListener(t, (e) => window.__pt.done.push([t, e.detail.prompt_id]));
+      }
+      const set = (node, name, value) => {
+        const w = node.widgets.find((w) => w.name === name);
+        w.value = value;
+        w.callback?.(value);  // the validation combo adds its settings' widgets here
+      };
+      for (const n of app.graph._nodes) {
+        if (n.type === "PhaseTrainerLoadModel") { set(n, "diffusers_folder", model); set(n, "dtype", "fp32"); }
+        if (n.type === "PhaseTrainerImageFolderDataset") set(n, "resolution", "32");
+        if (n.type === "PhaseTrainerAlphaPhase") {
+          set(n, "min_steps", 80); set(n, "loss_improvement_rate_below", 0.005); set(n, "min_gradient_stability", 0.45);
+        }
+        if (n.type === "PhaseTrainerTrain") {
+          set(n, "steps", steps); set(n, "job_name", job); set(n, "learning_rate", 0.003); set(n, "batch_size", 2);
+          set(n, "save_every", 100); set(n, "resume", false);
+          set(n, "validation", "on");
+          // 5%: a new best must be 5% below the best so far; three evaluations without one in the last phase
+          set(n, "validation.every", every); set(n, "validation.items", 4); set(n, "validation.patience", 3);
+          set(n, "validation.min_delta", 0.05); set(n, "validation.stop_on_plateau", true);
+        }
+      }
+    }""", [steps, job, FAST_SD15, every])
+    api = page.evaluate("async () => (await app.graphToPrompt()).output")
+    (train,) = by_type(api, "PhaseTrainerTrain")
+    assert {k: v for k, v in train.items() if k.startswith("validation")} == {
+        "validation": "on", "validation.every": every, "validation.items": 4, "validation.patience": 3,
+        "validation.min_delta": 0.05, "validation.stop_on_plateau": True}
+
+    page.evaluate("app.queuePrompt(0, 1)")
+    page.wait_for_function("window.__pt.done.length >= 1", timeout=600_000)
+    run = page.evaluate("({ live: window.__pt.live, done: window.__pt.done })")
+    (status, prompt_id), = run["done"]
+    assert status == "execution_success", comfy.server.log()[-3000:]
+    rows = [r for m in run["live"] for r in m["rows"]]
+    last = rows[-1][0]
+    assert last < steps  # stop_on_plateau ended the run at the advice
+    val_col = run["live"][0]["columns"].index("val_loss")
+    val_steps = [r[0] for r in rows if r[val_col] is not None]
+    assert val_steps == list(range(every, last + 1, every))
+    advice = [e for m in run["live"] for e in m["events"] if e["event"] == "suggest_stop"]
+    assert [e["step"] for e in advice] == [last]
+    detail = advice[0]["detail"].get("suggest_stop", advice[0]["detail"])
+    best_step = detail["best_step"]
+    assert best_step in val_steps and best_step < last
+
+    # the node: validation points and the stop marker drawn, the advice and the best LoRA under the plot
+    node = "app.graph._nodes.find((n) => n.type === 'PhaseTrainerTrain').phaseTrainerPlot"
+    shown = page.evaluate(f"""() => {{ const p = {node}; const l = p.plot.layout;
+        return {{ val: l.drawn.val, stops: l.stops.map((s) => [s.step, s.bestStep]), caption: p.caption.innerText,
+                 legend: l.legendLabels, png: p.canvas.toDataURL('image/png') }}; }}""")
+    assert shown["val"] == len(val_steps) and shown["stops"] == [[last, best_step]]
+    assert f"stop? {last} · best {best_step}" in shown["legend"]
+    best_file = comfy.loras / f"{job}_00001_best.safetensors"
+    assert shown["caption"].splitlines() == [
+        f"suggest stop at step {last}: validation loss plateau for 3 evaluations; best step {best_step} "
+        f"(val_loss {detail['best_val_loss']:.5g})", f"best LoRA (lowest validation loss): {best_file.name}"]
+    import base64
+    import io
+
+    from PIL import Image
+
+    with Image.open(io.BytesIO(base64.b64decode(shown["png"].split(",", 1)[1]))) as img:
+        pixels = np.asarray(img.convert("RGB"), dtype=int)
+    stop_rgb = np.array([0xFF, 0xB0, 0x00])  # web/plot.js THEME.stop
+    assert (np.abs(pixels - stop_rgb).max(axis=-1) <= 6).sum() > 100  # the dashed line, the star, the label
+    # the files and the node's ui output (what a reload restores)
+    assert best_file.is_file() and (comfy.loras / f"{job}_00001.safetensors").is_file()
+    entry = comfy.server.history(prompt_id)
+    train_id = next(k for k, v in entry["prompt"][2].items() if v["class_type"] == "PhaseTrainerTrain")
+    ui = entry["outputs"][train_id]["phase_trainer_metrics"][0]
+    assert ui["summary"] == shown["caption"].splitlines() and len(ui["rows"]) == last
+
+    # the README screenshot: the node as a user sees it after the run
+    SCREENSHOT.parent.mkdir(exist_ok=True)
+    box = page.evaluate("""() => {
+      const n = app.graph._nodes.find((n) => n.type === "PhaseTrainerTrain");
+      const ds = app.canvas.ds, title = LiteGraph.NODE_TITLE_HEIGHT || 30;
+      const grow = 760 - n.size[0];
+      for (const other of app.graph._nodes) if (other.pos[0] > n.pos[0]) other.pos[0] += grow + 40;
+      n.size = [n.size[0] + grow, n.size[1] + 260];
+      const rect = app.canvas.canvas.getBoundingClientRect();
+      ds.scale = Math.min(1.3, 880 / (n.size[1] + title));
+      ds.offset = [(120 - rect.left) / ds.scale - n.pos[0], (100 - rect.top) / ds.scale - n.pos[1] + title];
+      app.canvas.setDirty(true, true); app.canvas.draw(true, true);
+      return { x: 110, y: 90, width: n.size[0] * ds.scale + 20, height: (n.size[1] + title) * ds.scale + 20 };
+    }""")
+    page.wait_for_timeout(800)
+    page.screenshot(path=str(SCREENSHOT), clip=box)
+    assert SCREENSHOT.stat().st_size > 20_000
     assert page.errors == []
 
 
