@@ -595,7 +595,8 @@ def test_workflows_load_in_the_frontend_and_convert_to_api_format(comfy, page):
         write_workflows(page, WORKFLOWS)
     info = comfy.server.object_info()
     templates = comfy.server.get("/workflow_templates").json()
-    assert sorted(templates.get(PACK, [])) == sorted(ALL_WORKFLOWS)
+    # wan21_from_comfyui_files is checked (loaded, converted, run) in tests/e2e/test_comfyui_single_file.py
+    assert sorted(templates.get(PACK, [])) == sorted(ALL_WORKFLOWS + ("wan21_from_comfyui_files",))
     for name in ALL_WORKFLOWS:
         assert (WORKFLOWS / f"{name}.png").stat().st_size > 10_000
         served = comfy.server.get(f"/api/workflow_templates/{PACK}/{name}.json")
