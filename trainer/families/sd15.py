@@ -55,19 +55,13 @@ class SD15(ModelFamily):
             problems.append(f"unet/config.json _class_name is {unet.get('_class_name')!r}, not UNet2DConditionModel")
         if unet.get("addition_embed_type") is not None:
             problems.append(f"unet has addition_embed_type {unet['addition_embed_type']!r} (an SDXL-style UNet)")
-        if unet.get("in_channels") != vae.get("latent_channels", 4):
-            problems.append(
-                f"unet in_channels {unet.get('in_channels')} != vae latent_channels {vae.get('latent_channels', 4)}"
-                " (an inpainting or other variant UNet)"
-            )
+        problems += unet_in_channels_problems(unet, vae)
         if unet.get("cross_attention_dim") != text.get("hidden_size"):
             problems.append(
                 f"unet cross_attention_dim {unet.get('cross_attention_dim')} != text_encoder hidden_size "
                 f"{text.get('hidden_size')}"
             )
-        prediction = scheduler.get("prediction_type", "epsilon")
-        if prediction not in PREDICTION_TYPES:
-            problems.append(f"scheduler prediction_type {prediction!r} is not one of {', '.join(PREDICTION_TYPES)}")
+        problems += prediction_type_problems(scheduler)
         if problems:
             raise ModelError(f"{path}: not an SD 1.5-style pipeline: " + "; ".join(problems))
         return scheduler
@@ -90,10 +84,7 @@ class SD15(ModelFamily):
             raise ModelError(f"{path}: cannot load the SD 1.5 components: {e}") from e
         # DDPM training noise with the folder's betas, whatever sampler class the folder ships (often PNDM).
         scheduler = DDPMScheduler.from_config(scheduler_config)
-        for module in (unet, vae, text_encoder):
-            module.requires_grad_(False)
-            module.eval()
-            module.to(device)
+        freeze_on(device, unet, vae, text_encoder)
         loaded = LoadedModel(
             denoiser=unet, vae=vae, text_encoders=[text_encoder], tokenizers=[tokenizer],
             extra={
@@ -131,18 +122,24 @@ class SD15(ModelFamily):
     @torch.no_grad()
     def encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
         """[B, 3, 1, H, W] in [-1, 1] -> [B, 4, H/8, W/8] float32, posterior mean x scaling_factor."""
-        if pixels.ndim != 5 or pixels.shape[1] != 3:
-            raise ValueError(f"sd15: pixels must be [B, 3, F, H, W], got {list(pixels.shape)}")
-        if pixels.shape[2] != 1:
-            raise ValueError(f"sd15: trains on still images (F = 1), got F = {pixels.shape[2]}")
-        height, width = pixels.shape[-2:]
-        if height % self.resolution_factor or width % self.resolution_factor:
-            raise ValueError(f"sd15: pixel size {height}x{width} is not a multiple of {self.resolution_factor}")
+        self.check_still_pixels(pixels)
         vae = self.loaded.vae
         images = pixels[:, :, 0].to(vae.device, vae.dtype)
         latents = vae.encode(images).latent_dist.mode()
         shift = getattr(vae.config, "shift_factor", None) or 0.0
         return ((latents - shift) * vae.config.scaling_factor).float()
+
+    def check_still_pixels(self, pixels: torch.Tensor) -> None:
+        """ValueError (naming this family) unless `pixels` is one still frame [B, 3, 1, H, W] of a size the VAE
+        divides."""
+        if pixels.ndim != 5 or pixels.shape[1] != 3:
+            raise ValueError(f"{self.name}: pixels must be [B, 3, F, H, W], got {list(pixels.shape)}")
+        if pixels.shape[2] != 1:
+            raise ValueError(f"{self.name}: trains on still images (F = 1), got F = {pixels.shape[2]}")
+        height, width = pixels.shape[-2:]
+        if height % self.resolution_factor or width % self.resolution_factor:
+            raise ValueError(
+                f"{self.name}: pixel size {height}x{width} is not a multiple of {self.resolution_factor}")
 
     # ---- objective ----
     def timesteps_from_u(self, u: torch.Tensor) -> torch.Tensor:
@@ -184,6 +181,31 @@ class SD15(ModelFamily):
             "prediction_type": self.prediction_type,
             "num_train_timesteps": int(self.scheduler.config.num_train_timesteps),
         }
+
+
+def unet_in_channels_problems(unet: dict[str, Any], vae: dict[str, Any]) -> list[str]:
+    """The UNet must take exactly the VAE's latents (inpainting and other variants take more channels)."""
+    if unet.get("in_channels") != vae.get("latent_channels", 4):
+        return [
+            f"unet in_channels {unet.get('in_channels')} != vae latent_channels {vae.get('latent_channels', 4)}"
+            " (an inpainting or other variant UNet)"
+        ]
+    return []
+
+
+def prediction_type_problems(scheduler: dict[str, Any]) -> list[str]:
+    prediction = scheduler.get("prediction_type", "epsilon")
+    if prediction not in PREDICTION_TYPES:
+        return [f"scheduler prediction_type {prediction!r} is not one of {', '.join(PREDICTION_TYPES)}"]
+    return []
+
+
+def freeze_on(device: torch.device | str, *modules: nn.Module) -> None:
+    """Frozen, in eval mode and on `device`: the base model's parts never train."""
+    for module in modules:
+        module.requires_grad_(False)
+        module.eval()
+        module.to(device)
 
 
 def sd15_target_modules(unet: nn.Module, linear_rank: int, conv_rank: int) -> list[TargetModule]:

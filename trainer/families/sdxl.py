@@ -32,7 +32,7 @@ import torch
 from ..errors import ModelError
 from .base import LoadedModel
 from .pipeline_folder import denoiser_device, read_component_config, read_model_index, require_components, require_pipeline
-from .sd15 import PREDICTION_TYPES, SD15
+from .sd15 import SD15, freeze_on, prediction_type_problems, unet_in_channels_problems
 
 COMPONENTS = ["unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler"]
 # original_size (h, w) + crop top-left (y, x) + target_size (h, w): six numbers, each embedded separately.
@@ -66,11 +66,7 @@ class SDXL(SD15):
         if unet.get("addition_embed_type") != "text_time":
             problems.append(f"unet addition_embed_type is {unet.get('addition_embed_type')!r}, not 'text_time' "
                             "(not an SDXL UNet)")
-        if unet.get("in_channels") != vae.get("latent_channels", 4):
-            problems.append(
-                f"unet in_channels {unet.get('in_channels')} != vae latent_channels {vae.get('latent_channels', 4)}"
-                " (an inpainting or other variant UNet)"
-            )
+        problems += unet_in_channels_problems(unet, vae)
         hidden = (text_1.get("hidden_size") or 0) + (text_2.get("hidden_size") or 0)
         if unet.get("cross_attention_dim") != hidden:
             problems.append(
@@ -84,9 +80,7 @@ class SDXL(SD15):
                 f"unet projection_class_embeddings_input_dim {unet.get('projection_class_embeddings_input_dim')} != "
                 f"6 x addition_time_embed_dim {time_dim} + text_encoder_2 projection_dim {text_2.get('projection_dim')}"
             )
-        prediction = scheduler.get("prediction_type", "epsilon")
-        if prediction not in PREDICTION_TYPES:
-            problems.append(f"scheduler prediction_type {prediction!r} is not one of {', '.join(PREDICTION_TYPES)}")
+        problems += prediction_type_problems(scheduler)
         if problems:
             raise ModelError(f"{path}: not an SDXL pipeline: " + "; ".join(problems))
         return scheduler
@@ -109,10 +103,7 @@ class SDXL(SD15):
         except (OSError, ValueError) as e:
             raise ModelError(f"{path}: cannot load the SDXL components: {e}") from e
         scheduler = DDPMScheduler.from_config(scheduler_config)
-        for module in (unet, vae, text_encoder, text_encoder_2):
-            module.requires_grad_(False)
-            module.eval()
-            module.to(device)
+        freeze_on(device, unet, vae, text_encoder, text_encoder_2)
         vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
         loaded = LoadedModel(
             denoiser=unet, vae=vae, text_encoders=[text_encoder, text_encoder_2], tokenizers=[tokenizer, tokenizer_2],
@@ -152,13 +143,7 @@ class SDXL(SD15):
     @torch.no_grad()
     def encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
         """[B, 3, 1, H, W] in [-1, 1] -> [B, 4, H/8, W/8] float32 latents, normalized as the pipeline decodes."""
-        if pixels.ndim != 5 or pixels.shape[1] != 3:
-            raise ValueError(f"sdxl: pixels must be [B, 3, F, H, W], got {list(pixels.shape)}")
-        if pixels.shape[2] != 1:
-            raise ValueError(f"sdxl: trains on still images (F = 1), got F = {pixels.shape[2]}")
-        height, width = pixels.shape[-2:]
-        if height % self.resolution_factor or width % self.resolution_factor:
-            raise ValueError(f"sdxl: pixel size {height}x{width} is not a multiple of {self.resolution_factor}")
+        self.check_still_pixels(pixels)
         vae = self.loaded.vae
         latents = vae.encode(pixels[:, :, 0].to(vae.device, vae.dtype)).latent_dist.mode()
         config = vae.config
