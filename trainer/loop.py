@@ -95,6 +95,16 @@ class _DataPosition:
         self.epoch, self.index = epoch, index
         self._batches = training_set.epoch_batches(epoch, batch_size, seed)
 
+    def next_for(self, rank: int, world: int) -> list:
+        """Data-parallel: every process walks the same global order and takes the rank-th of each `world`
+        batches, so the position stays one number for all of them."""
+        mine = None
+        for r in range(world):
+            batch = self.next()
+            if r == rank:
+                mine = batch
+        return mine
+
     def next(self) -> list:
         if self.index >= len(self._batches):
             self.epoch, self.index = self.epoch + 1, 0
@@ -166,6 +176,10 @@ def _train(job, callbacks, family, training_set, extra_items, lora_path, acceler
     accelerator = accelerator or Accelerator(mixed_precision=_mixed_precision(t.mixed_precision),
                                              gradient_accumulation_steps=t.gradient_accumulation)
     device = accelerator.device
+    rank, world = accelerator.process_index, accelerator.num_processes
+    main = accelerator.is_main_process
+    if not main:
+        cb = _Quiet(cb)  # one process speaks for all
 
     # ---- cheap checks first: the optimizer, the checkpoint to resume, the model folder, the dataset files ----
     if t.optimizer == "adamw8bit":
@@ -235,12 +249,13 @@ def _train(job, callbacks, family, training_set, extra_items, lora_path, acceler
         unit.optimizer = _make_optimizer(job, unit.params, device)
         unit.lr_scheduler = get_scheduler(t.lr_scheduler, unit.optimizer, num_warmup_steps=t.warmup_steps,
                                           num_training_steps=t.steps)
+        # The denoiser is not wrapped by accelerate: its own weights are frozen (DDP refuses a module with nothing
+        # to train) and the LoRA lives beside it, so the loop averages the LoRA's gradients across processes
+        # itself. The LR schedule is stepped once per optimizer step whatever the process count.
         if e is None:
-            denoiser, unit.optimizer, unit.lr_scheduler = accelerator.prepare(denoiser, unit.optimizer,
-                                                                              unit.lr_scheduler)
+            denoiser = denoiser.to(device)
             family.loaded.denoiser = denoiser
-        else:  # an expert moves between devices as it takes turns: accelerate must not place it
-            unit.optimizer, unit.lr_scheduler = accelerator.prepare(unit.optimizer, unit.lr_scheduler)
+        unit.optimizer = accelerator.prepare(unit.optimizer)
         unit.denoiser = denoiser
         unit.probe = probes[e]
         unit.advisor = StopAdvisor(val_cfg.patience, val_cfg.min_delta) if val_cfg is not None else None
@@ -257,8 +272,8 @@ def _train(job, callbacks, family, training_set, extra_items, lora_path, acceler
         DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU)
     clip_grad_norm = torch.nn.utils.clip_grad_norm_ if direct else accelerator.clip_grad_norm_
 
-    noise_gen = torch.Generator().manual_seed(t.seed + 1)
-    data_gen = torch.Generator().manual_seed(t.seed + 2)
+    noise_gen = torch.Generator().manual_seed(t.seed + 1 + 7919 * rank)  # each process its own noise
+    data_gen = torch.Generator().manual_seed(t.seed + 2 + 7919 * rank)
     data = _DataPosition(training_set, t.batch_size, t.seed)
     step, bad_steps, stop_advised = 0, 0, False
 
@@ -274,7 +289,7 @@ def _train(job, callbacks, family, training_set, extra_items, lora_path, acceler
                                       f"({reason}); it was made with another model. Resume with that model, or set "
                                       "resume: none to start fresh") from None
             unit.lr_scheduler.load_state_dict(_of(bundle["lr_scheduler"], e))
-            unit.stability.load_state_dict(_of(bundle["rng"]["stability"], e))
+            unit.stability.load_state_dict(_of(_of_rank(bundle["rng"], rank, world)["stability"], e))
             st = bundle["state"]
             if unit.scheduler is not None:
                 unit.scheduler.load_state_dict(_of(st["scheduler"], e))
@@ -284,23 +299,38 @@ def _train(job, callbacks, family, training_set, extra_items, lora_path, acceler
             unit.health.load_state_dict(_of(st.get("health"), e) or {})
             if unit.best_path is not None and unit.best_path.exists():
                 unit.best_file = unit.best_path
-        _restore_rng(bundle["rng"], noise_gen, data_gen)
+        _restore_rng(_of_rank(bundle["rng"], rank, world), noise_gen, data_gen)
         st = bundle["state"]
         step, bad_steps = st["step"], st.get("bad_steps", 0)
         data = _DataPosition(training_set, t.batch_size, t.seed, **st["data"])
         cb.log(f"resumed from {resume_from} at step {step}")
-    if resume_from is None:
+    if resume_from is None and main:
         moved = ckpt.set_aside(job.checkpoint_dir)  # a fresh run neither mixes with nor prunes an old run's
         if moved is not None:
             cb.log(f"starting fresh: the earlier checkpoints were moved to {moved}")
-    log = MetricsLog(job.metrics_path, resume_from_step=step if resume_from is not None else None)
+    accelerator.wait_for_everyone()
+    log = MetricsLog(job.metrics_path, resume_from_step=step if resume_from is not None else None) if main \
+        else _NoLog()
     undo.append(log.close)
     records = read_records(job.metrics_path) if resume_from is not None else []
 
     def checkpoint_now() -> Path:
-        def per(fn):
-            return fn(units[None]) if not moe else {e: fn(u) for e, u in units.items()}
+        rng = _rng_state(noise_gen, data_gen, per_unit(lambda u: u.stability.state_dict()))
+        if world > 1:  # every process's generators, so each continues its own stream on resume
+            from accelerate.utils import gather_object
 
+            rng = {"per_rank": gather_object([rng])}
+        path = ckpt.bundle_path(job.checkpoint_dir, step)
+        if main:
+            path = _save(rng)
+        accelerator.wait_for_everyone()
+        return path
+
+    def per_unit(fn):
+        return fn(units[None]) if not moe else {e: fn(u) for e, u in units.items()}
+
+    def _save(rng) -> Path:
+        per = per_unit
         lora = (units[None].network.state_dict() if not moe else
                 {f"{e}.{k}": v for e, u in units.items() for k, v in u.network.state_dict().items()})
         state = {"job": job.job, "signature": job.network_signature(), "data": data.state(), "bad_steps": bad_steps,
@@ -310,11 +340,12 @@ def _train(job, callbacks, family, training_set, extra_items, lora_path, acceler
         return ckpt.save_checkpoint(job.checkpoint_dir, step=step, lora=lora,
                                     optimizer=per(lambda u: u.optimizer.state_dict()),
                                     lr_scheduler=per(lambda u: u.lr_scheduler.state_dict()),
-                                    rng=_rng_state(noise_gen, data_gen, per(lambda u: u.stability.state_dict())),
-                                    state=state, keep_last=s.keep_last)
+                                    rng=rng, state=state, keep_last=s.keep_last)
 
     def export(unit: _Unit, path: Path) -> Path:
         sched = unit.scheduler
+        if not main:
+            return path
         meta = lora_metadata(family, unit.network, step=step, phase=sched.phase.name if sched else None,
                              history=sched.history if sched else [], dataset_summary=training_set.summary(),
                              job_name=job.job)
@@ -330,7 +361,8 @@ def _train(job, callbacks, family, training_set, extra_items, lora_path, acceler
         record.update(unit.health.counters())
         log.write(record)
         records.append(record)
-        cb.on_step(record)
+        if main:
+            cb.on_step(record)
 
     pending = [("resume", {"checkpoint": str(resume_from)})] if resume_from is not None else []
 
@@ -350,7 +382,7 @@ def _train(job, callbacks, family, training_set, extra_items, lora_path, acceler
             kw = {} if unit.name is None else {"expert": unit.name}
             micro_losses = []
             for _ in range(t.gradient_accumulation):
-                batch = training_set.collate(data.next(), data_gen)
+                batch = training_set.collate(data.next_for(rank, world), data_gen)
                 latents = batch["latents"]
                 u = family.sample_timesteps(latents.shape[0], noise_gen, **kw)
                 noise = torch.randn(latents.shape, generator=noise_gen, dtype=latents.dtype)
@@ -367,14 +399,19 @@ def _train(job, callbacks, family, training_set, extra_items, lora_path, acceler
             health, params = unit.health, unit.params
             optimizer, lr_scheduler, scheduler, network = unit.optimizer, unit.lr_scheduler, unit.scheduler, unit.network
             step_optimizer = optimizer.optimizer if direct else optimizer
+            if world > 1:
+                _average_gradients(params, world)
             if health.due(step):
                 health.before_clip()
             grad_norm = clip_grad_norm(params, t.max_grad_norm if t.max_grad_norm > 0 else float("inf"))
             agreement = unit.stability.update(params)
             nan = torch.tensor(float("nan"), device=device)
-            loss_v, norm_v, stab_v = torch.stack([torch.stack(micro_losses).mean().float(),
-                                                  torch.as_tensor(grad_norm, device=device).float(),
-                                                  agreement.float() if agreement is not None else nan]).tolist()
+            values = torch.stack([torch.stack(micro_losses).mean().float(),
+                                  torch.as_tensor(grad_norm, device=device).float(),
+                                  agreement.float() if agreement is not None else nan])
+            if world > 1:  # the mean loss over processes: every process's scheduler decides on the same numbers
+                values[0] = accelerator.reduce(values[0], reduction="mean")
+            loss_v, norm_v, stab_v = values.tolist()
             stab_v = stab_v if _finite(stab_v) else None
             lr = lr_scheduler.get_last_lr()[0]
             if not (_finite(loss_v) and _finite(norm_v)):
@@ -427,6 +464,8 @@ def _train(job, callbacks, family, training_set, extra_items, lora_path, acceler
                     events.append(("transition", transition))
                     cb.log(_describe_transition(transition))
             stopping = (stop.stop or cb.should_stop()) and step < t.steps
+            if world > 1:  # one process told to stop stops them all, at the same step
+                stopping = bool(accelerator.reduce(torch.tensor(float(stopping), device=device), "sum").item())
             saving = stopping or (step % s.every == 0 and step < t.steps and not stop_advised)
             if saving:
                 events.append(("interrupt" if stopping else "checkpoint",
@@ -517,6 +556,55 @@ class _Unit:
 
             lora_path = expert_lora_path(lora_path, expert)
         return cls(expert, network, network.trainable_parameters(), scheduler, lora_path)
+
+
+class _Quiet(Callbacks):
+    """The callbacks of a process other than the main one: it still obeys a stop, and says nothing."""
+
+    def __init__(self, inner: Callbacks):
+        self.inner = inner
+
+    def log(self, message: str) -> None:
+        pass
+
+    def should_stop(self) -> bool:
+        return self.inner.should_stop()
+
+
+class _NoLog:
+    """Processes other than the main one write no metrics log."""
+
+    def write(self, record):
+        return record
+
+    def close(self):
+        pass
+
+
+def _average_gradients(params: list, world: int) -> None:
+    """One flat all-reduce of the LoRA's gradients (what DDP would do, without wrapping the frozen model)."""
+    import torch.distributed as dist
+    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+    grads = [p.grad for p in params if p.grad is not None]
+    flat = _flatten_dense_tensors(grads)
+    dist.all_reduce(flat)
+    flat /= world
+    for g, synced in zip(grads, _unflatten_dense_tensors(flat, grads)):
+        g.copy_(synced)
+
+
+def _of_rank(rng: dict, rank: int, world: int) -> dict:
+    if "per_rank" in rng:
+        states = rng["per_rank"]
+        if len(states) != world:
+            raise CheckpointError(f"the checkpoint was written by {len(states)} processes, this run has {world}: "
+                                  "resume with the same number of processes")
+        return states[rank]
+    if world > 1:
+        raise CheckpointError("the checkpoint was written by one process, this run has "
+                              f"{world}: resume with one process")
+    return rng
 
 
 def _experts_to_train(job: Job, family) -> list:
