@@ -217,3 +217,21 @@ def test_cli_run_and_replay(tiny_sd15_path, tmp_path, capsys):
     job_file.write_text(json.dumps(spec))
     assert cli(["run", str(job_file)]) == 2
     assert "conv_alpha_phases.foundation.alpha" in capsys.readouterr().err
+
+
+def test_best_lora_survives_a_resume_under_another_name(tiny_sd15_path, tmp_path):
+    """The ComfyUI node resumes under a new counter name: the best file of the first part must still be found."""
+    data = tmp_path / "images"
+    make_images(data)
+    spec = sd15_job(tiny_sd15_path, data, tmp_path / "out", steps=10)
+    spec["network"].pop("alpha_schedule")
+    spec["validation"] = {"every": 5, "items": 2, "timesteps": 2, "keep_best": True}
+    job = parse_job(spec)
+    first = train(job, lora_path=tmp_path / "loras" / "sd_00001.safetensors")
+    assert first.best_lora_path == tmp_path / "loras" / "sd_00001_best.safetensors"
+    assert first.best_lora_path.exists()
+    spec["train"]["steps"] = 20
+    spec["validation"]["min_delta"] = 0.5  # no new best after the resume: the old file must be reported
+    job = parse_job(spec)
+    second = train(job, lora_path=tmp_path / "loras" / "sd_00002.safetensors")
+    assert second.best_lora_path == first.best_lora_path

@@ -299,6 +299,8 @@ def _train(job, callbacks, family, training_set, extra_items, lora_path, acceler
             unit.health.load_state_dict(_of(st.get("health"), e) or {})
             if unit.best_path is not None and unit.best_path.exists():
                 unit.best_file = unit.best_path
+            elif _of(st.get("best_file"), e) and Path(_of(st["best_file"], e)).exists():
+                unit.best_file = Path(_of(st["best_file"], e))  # resumed under another name (a node's counter)
         _restore_rng(_of_rank(bundle["rng"], rank, world), noise_gen, data_gen)
         st = bundle["state"]
         step, bad_steps = st["step"], st.get("bad_steps", 0)
@@ -336,7 +338,8 @@ def _train(job, callbacks, family, training_set, extra_items, lora_path, acceler
         state = {"job": job.job, "signature": job.network_signature(), "data": data.state(), "bad_steps": bad_steps,
                  "scheduler": per(lambda u: u.scheduler.state_dict() if u.scheduler else None),
                  "stop_advice": per(lambda u: u.advisor.state_dict() if u.advisor else None),
-                 "health": per(lambda u: u.health.state_dict())}
+                 "health": per(lambda u: u.health.state_dict()),
+                 "best_file": per(lambda u: str(u.best_file) if u.best_file else None)}
         return ckpt.save_checkpoint(job.checkpoint_dir, step=step, lora=lora,
                                     optimizer=per(lambda u: u.optimizer.state_dict()),
                                     lr_scheduler=per(lambda u: u.lr_scheduler.state_dict()),

@@ -113,6 +113,7 @@ def _stop_advice(data: np.ndarray, events: list | None) -> list:
         for e in events:
             if e.get("event") == "suggest_stop":
                 d = e.get("detail") or {}
+                d = d.get("suggest_stop", d)  # several events on one step: details keyed by event
                 out.append((float(e["step"]), d.get("best_step"), d.get("best_val_loss")))
         return out
     from .metrics import EVENT_CODES
