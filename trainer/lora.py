@@ -146,11 +146,13 @@ class LoRANetwork(nn.Module):
                 m.set_alpha(alpha)
 
     def alphas(self) -> dict[str, float | None]:
-        out = {}
-        for g in ("linear", "conv"):
-            mods = self.modules_in(g)
-            out[g] = mods[0].alpha if mods else None
-        return out
+        # Each metrics record reads this: the first module of each group, found once (the set of modules is
+        # fixed at construction), instead of a filtered walk over every module per call.
+        heads = self.__dict__.get("_group_heads")
+        if heads is None:
+            heads = self.__dict__["_group_heads"] = {g: next(iter(self.modules_in(g)), None)
+                                                     for g in ("linear", "conv")}
+        return {g: m.alpha if m is not None else None for g, m in heads.items()}
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
