@@ -96,6 +96,15 @@ class SD15(ModelFamily):
         family.resolution_factor = 2 ** (len(vae.config.block_out_channels) - 1)
         return family
 
+    @classmethod
+    def from_single_file(cls, path: str, dtype: torch.dtype, device: torch.device | str = "cpu",
+                         **kwargs) -> "SD15":
+        """An original-format (ldm / ComfyUI models/checkpoints) SD 1.5 checkpoint: see
+        trainer/families/single_file.py (load_sd15_checkpoint)."""
+        from .single_file import load_single_file
+
+        return load_single_file(path, dtype, device, family=cls.name, **kwargs)
+
     @property
     def scheduler(self):
         return self.loaded.extra["scheduler"]

@@ -179,12 +179,16 @@ def detect_variant(path: str | Path, config: str | Path | dict | None = None,
     With `config` (a diffusers transformer config), the file must match that config instead of a shipped one:
     for fine-tunes of non-standard size. ModelError naming the file and listing the facts found otherwise."""
     shapes = read_shapes(path) if shapes is None else shapes
+    if is_ldm_checkpoint(shapes):
+        return detect_sd15(path, config=config, shapes=shapes)
     prefix, names = strip_wan_prefix(shapes)
     plain = {k: shapes[orig] for k, orig in names.items()}
     if "patch_embedding.weight" not in plain or "head.head.weight" not in plain:
         raise ModelError(f"{path}: not a Wan diffusion model file (no patch_embedding.weight / head.head.weight "
-                         f"among its {len(shapes)} tensors, e.g. {', '.join(sorted(shapes)[:4])}); pick a file from "
-                         "models/diffusion_models such as wan2.1_t2v_1.3B_fp16.safetensors")
+                         f"among its {len(shapes)} tensors, e.g. {', '.join(sorted(shapes)[:4])}) nor a full SD 1.5 "
+                         "checkpoint (model.diffusion_model.* with first_stage_model.* and cond_stage_model.*); pick "
+                         "a file from models/diffusion_models such as wan2.1_t2v_1.3B_fp16.safetensors, or an SD 1.5 "
+                         "checkpoint from models/checkpoints")
     unsupported = _unsupported_wan(plain, path)
     if unsupported:
         raise ModelError(f"{path}: is {unsupported}")
@@ -302,8 +306,11 @@ def load_wan_vae_file(path: str | Path, device: torch.device | str = "cpu"):
 def load_single_file(path: str | Path, dtype: torch.dtype, device: torch.device | str = "cpu", *,
                      config: str | Path | dict | None = None, encoders_from: str | Path | None = None,
                      vae_file: str | Path | None = None, encoders=None, family: str | None = None,
-                     max_sequence_length: int | None = None):
+                     max_sequence_length: int | None = None, tokenizer_from: str | Path | None = None):
     """A loaded ModelFamily from a single model file.
+
+    An original-format SD 1.5 checkpoint loads with load_sd15_checkpoint (its tokenizer from `encoders_from`,
+    else `tokenizer_from`); the rest of this describes Wan files.
 
     Text encoding and VAE: `encoders` (a trainer.comfy_encoders.ExternalEncoders) wins; otherwise the text
     encoder and tokenizer come from the Wan diffusers folder `encoders_from`, the VAE from `vae_file` or that
@@ -313,6 +320,15 @@ def load_single_file(path: str | Path, dtype: torch.dtype, device: torch.device 
     from . import get_family
 
     path = Path(path).expanduser()
+    if is_ldm_checkpoint(read_shapes(path)):
+        variant = detect_sd15(path, config=config)  # SDXL / SD 2 files: "not supported as a single file yet"
+        if family not in (None, "sd15"):
+            raise ModelError(f"{path}: is an SD checkpoint, trained by model.family 'sd15', not '{family}'")
+        if encoders is not None:
+            raise ModelError(f"{path}: an SD 1.5 checkpoint has its own CLIP and VAE; the Train node's CLIP/VAE "
+                             "inputs are for Wan 2.1 files: disconnect them")
+        return load_sd15_checkpoint(path, dtype, device, config=config, encoders_from=encoders_from,
+                                    tokenizer_from=tokenizer_from, vae_file=vae_file, variant=variant)
     variant = detect_variant(path, config=config)
     if family is not None and family != variant.family:
         raise ModelError(f"{path}: is {variant.description}, trained by model.family '{variant.family}', "
@@ -387,3 +403,321 @@ def load_single_file(path: str | Path, dtype: torch.dtype, device: torch.device 
 def _first_line(e: Exception) -> str:
     text = str(e).strip().splitlines()
     return text[0] if text else type(e).__name__
+
+
+# ============================================================================================== SD 1.5 checkpoints
+#
+# An original-format (ldm) Stable Diffusion checkpoint, as ComfyUI keeps them in models/checkpoints, holds all
+# three models: model.diffusion_model.* (UNet), first_stage_model.* (VAE), cond_stage_model.transformer.* (CLIP
+# text tower). They are converted by diffusers' own convert_ldm_unet_checkpoint / convert_ldm_vae_checkpoint /
+# convert_ldm_clip_checkpoint and loaded strictly into the models the shipped configs describe
+# (trainer/configs/sd15/, diffusers layout). The checkpoint has no tokenizer files: they come from
+# `encoders_from` (a diffusers SD folder or a folder with vocab.json + merges.txt) or `tokenizer_from` (the
+# ComfyUI node layer passes ComfyUI's comfy/sd1_tokenizer). Nothing in the file says epsilon or v-prediction,
+# so it is epsilon unless the config says otherwise.
+
+SD15_CONFIG_DIR = CONFIG_DIR / "sd15"
+SD_COMPONENTS = {"unet": "config.json", "vae": "config.json", "text_encoder": "config.json",
+                 "scheduler": "scheduler_config.json"}
+LDM_UNET = "model.diffusion_model."
+LDM_VAE = "first_stage_model."
+LDM_CLIP = "cond_stage_model.transformer."
+SD_PREDICTION_TYPES = ("epsilon", "v_prediction")
+_INPUT_BLOCK = re.compile(r"^model\.diffusion_model\.input_blocks\.(\d+)\.")
+_CLIP_LAYER = re.compile(r"^cond_stage_model\.transformer\.text_model\.encoder\.layers\.(\d+)\.")
+
+
+def is_ldm_checkpoint(shapes: dict) -> bool:
+    """An original-format SD checkpoint (UNet plus its VAE or text encoder), whatever the SD version."""
+    return f"{LDM_UNET}input_blocks.0.0.weight" in shapes and any(
+        k.startswith((LDM_VAE, "cond_stage_model.", "conditioner.")) for k in shapes)
+
+
+def sd_facts_from_shapes(shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]:
+    """The architecture facts an ldm checkpoint's shapes show (what an error lists, and what variants differ in)."""
+    conv_in = shapes.get(f"{LDM_UNET}input_blocks.0.0.weight") or (None, None)
+    inputs = {int(m.group(1)) for k in shapes if (m := _INPUT_BLOCK.match(k))}
+    levels = 1 + sum(1 for i in inputs if f"{LDM_UNET}input_blocks.{i}.0.op.weight" in shapes)
+    context = next((s[1] for k, s in sorted(shapes.items())
+                    if k.startswith(LDM_UNET) and k.endswith("attn2.to_k.weight")), None)
+    clip_layers = {int(m.group(1)) for k in shapes if (m := _CLIP_LAYER.match(k))}
+    tokens = shapes.get(f"{LDM_CLIP}text_model.embeddings.token_embedding.weight") or (None, None)
+    return {
+        "in_channels": conv_in[1],
+        "model_channels": conv_in[0],
+        "out_channels": (shapes.get(f"{LDM_UNET}out.2.weight") or (None,))[0],
+        "levels": levels,
+        "res_blocks": (len(inputs) // levels - 1) if inputs else None,
+        "context_dim": context,
+        "text_hidden": tokens[1],
+        "text_layers": (max(clip_layers) + 1) if clip_layers else 0,
+        "vae_channels": (shapes.get(f"{LDM_VAE}encoder.conv_in.weight") or (None,))[0],
+        "latent_channels": (shapes.get(f"{LDM_VAE}decoder.conv_in.weight") or (None, None))[1],
+    }
+
+
+def sd_facts_from_configs(configs: dict[str, dict]) -> dict[str, Any]:
+    unet, vae, text = configs["unet"], configs["vae"], configs["text_encoder"]
+    return {
+        "in_channels": unet["in_channels"],
+        "model_channels": unet["block_out_channels"][0],
+        "out_channels": unet["out_channels"],
+        "levels": len(unet["block_out_channels"]),
+        "res_blocks": unet["layers_per_block"],
+        "context_dim": unet["cross_attention_dim"],
+        "text_hidden": text["hidden_size"],
+        "text_layers": text["num_hidden_layers"],
+        "vae_channels": vae["block_out_channels"][0],
+        "latent_channels": vae["latent_channels"],
+    }
+
+
+def _unsupported_sd(shapes: dict, facts: dict) -> str | None:
+    """What an ldm checkpoint is when it is not an SD 1.5 text-to-image model we can train."""
+    if any(k.startswith("conditioner.embedders.") for k in shapes) or f"{LDM_UNET}label_emb.0.0.weight" in shapes:
+        return "an SDXL checkpoint (conditioner.embedders.* / label_emb)"
+    if any(k.startswith("cond_stage_model.model.") for k in shapes) or facts["context_dim"] == 1024:
+        return "an SD 2.x checkpoint (OpenCLIP text encoder, context 1024)"
+    if facts["in_channels"] not in (None, facts["latent_channels"] or 4):
+        return (f"an SD inpainting / instruct-style checkpoint (the UNet takes {facts['in_channels']} input "
+                "channels, not the VAE's latents alone)")
+    return None
+
+
+def load_sd15_configs(config: str | Path | dict | None = None) -> tuple[dict[str, dict], str]:
+    """({component: diffusers config}, where it came from) for an SD 1.5 checkpoint.
+
+    `config`: None -> the shipped SD 1.5 configs; 'epsilon' / 'v_prediction' -> those with that prediction type
+    (nothing in a checkpoint says it is a v-prediction fine-tune); a diffusers SD folder -> the component configs
+    it has (unet/config.json, vae/..., text_encoder/..., scheduler/scheduler_config.json; the others shipped);
+    a dict or JSON file {"unet": {...}, "vae": ..., "text_encoder": ..., "scheduler": ..., "prediction_type": ...}
+    -> the components it gives replace the shipped ones."""
+    configs = {name: json.loads((SD15_CONFIG_DIR / name / file).read_text(encoding="utf-8"))
+               for name, file in SD_COMPONENTS.items()}
+    if config is None:
+        return configs, "the shipped SD 1.5 configs"
+    override: dict = {}
+    source = str(config) if not isinstance(config, dict) else "the given config"
+    if isinstance(config, dict):
+        override = dict(config)
+    else:
+        path = Path(config).expanduser()
+        # A job file resolves model.config against its folder, so "v_prediction" arrives as <folder>/v_prediction.
+        if str(config) in SD_PREDICTION_TYPES or (path.name in SD_PREDICTION_TYPES and not path.exists()):
+            override = {"prediction_type": path.name}
+        elif path.is_dir():
+            for name, file in SD_COMPONENTS.items():
+                if (path / name / file).is_file():
+                    override[name] = _read_json(path / name / file)
+            if not override:
+                raise ModelError(f"{path}: no SD component configs there (unet/config.json, vae/config.json, "
+                                 "text_encoder/config.json, scheduler/scheduler_config.json)")
+        elif path.is_file():
+            override = _read_json(path)
+        else:
+            raise ModelError(f"{config}: model.config for an SD 1.5 checkpoint must be 'epsilon' or 'v_prediction', "
+                             "a diffusers SD folder, or a JSON file of component configs; no such file or folder")
+    unknown = sorted(set(override) - set(SD_COMPONENTS) - {"prediction_type"})
+    if unknown:
+        raise ModelError(f"{source}: unknown keys {unknown} in an SD 1.5 config; use unet, vae, text_encoder, "
+                         "scheduler, prediction_type")
+    for name in SD_COMPONENTS:
+        if name in override:
+            if not isinstance(override[name], dict):
+                raise ModelError(f"{source}: {name} must be a config object")
+            configs[name] = dict(override[name])
+    if "prediction_type" in override:
+        configs["scheduler"] = {**configs["scheduler"], "prediction_type": override["prediction_type"]}
+    prediction = configs["scheduler"].get("prediction_type", "epsilon")
+    if prediction not in SD_PREDICTION_TYPES:
+        raise ModelError(f"{source}: prediction_type {prediction!r} is not one of {', '.join(SD_PREDICTION_TYPES)}")
+    return configs, source
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ModelError(f"{path}: not a readable JSON config ({_first_line(e)})") from e
+    if not isinstance(doc, dict):
+        raise ModelError(f"{path}: a JSON config must be an object")
+    return doc
+
+
+def _sd_meta_models(configs: dict[str, dict]):
+    """UNet2DConditionModel, AutoencoderKL and CLIPTextModel of `configs` on the meta device (no memory)."""
+    from accelerate import init_empty_weights
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    def plain(cfg):
+        return {k: v for k, v in cfg.items() if not k.startswith("_")}
+
+    with init_empty_weights():
+        unet = UNet2DConditionModel.from_config(plain(configs["unet"]))
+        vae = AutoencoderKL.from_config(plain(configs["vae"]))
+        text = CLIPTextModel(CLIPTextConfig(**{k: v for k, v in plain(configs["text_encoder"]).items()
+                                               if k != "architectures"}))
+    return unet, vae, text
+
+
+def convert_sd15_checkpoint(state: dict, configs: dict[str, dict]) -> dict[str, dict]:
+    """{"unet", "vae", "text_encoder": diffusers state dict} from an ldm state dict, by diffusers' conversions.
+    Works on meta tensors too (only renames and reshapes), which is how the shapes are checked before loading."""
+    from diffusers.loaders.single_file_utils import (
+        convert_ldm_clip_checkpoint,
+        convert_ldm_unet_checkpoint,
+        convert_ldm_vae_checkpoint,
+    )
+
+    text = convert_ldm_clip_checkpoint({k: v for k, v in state.items() if k.startswith(LDM_CLIP)})
+    # transformers >= 5.6 flattened CLIPTextModel (no text_model. wrapper), as diffusers' own loader handles it;
+    # position_ids is a non-persistent buffer there (old checkpoints carry it, sometimes with float drift).
+    text = {k.removeprefix("text_model."): v for k, v in text.items()}
+    text.pop("embeddings.position_ids", None)
+    return {
+        "unet": convert_ldm_unet_checkpoint({k: v for k, v in state.items() if k.startswith(LDM_UNET)},
+                                            configs["unet"]),
+        "vae": convert_ldm_vae_checkpoint({k: v for k, v in state.items() if k.startswith(LDM_VAE)},
+                                          configs["vae"]),
+        "text_encoder": text,
+    }
+
+
+def _fit_problems(converted: dict[str, dict], models: dict) -> list[str]:
+    """Why the converted weights do not exactly fill the models (missing, unexpected, wrong shapes)."""
+    problems = []
+    for name, model in models.items():
+        want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        got = {k: tuple(v.shape) for k, v in converted[name].items()}
+        missing, unexpected = sorted(set(want) - set(got)), sorted(set(got) - set(want))
+        wrong = [f"{k}: file {got[k]} vs model {want[k]}" for k in sorted(set(want) & set(got)) if got[k] != want[k]]
+        if missing:
+            problems.append(f"{name}: {len(missing)} parameters missing (e.g. {missing[:3]})")
+        if unexpected:
+            problems.append(f"{name}: {len(unexpected)} unexpected tensors (e.g. {unexpected[:3]})")
+        if wrong:
+            problems.append(f"{name}: {len(wrong)} shapes differ (e.g. {wrong[0]})")
+    return problems
+
+
+def detect_sd15(path: str | Path, config: str | Path | dict | None = None, shapes: dict | None = None) -> Variant:
+    """The Variant of an original-format SD 1.5 checkpoint, from its header only: the facts must be SD 1.5's (or
+    the given config's) and diffusers' conversion of the file's shapes must fill the models exactly."""
+    shapes = read_shapes(path) if shapes is None else shapes
+    facts = sd_facts_from_shapes(shapes)
+    unsupported = _unsupported_sd(shapes, facts)
+    if unsupported:
+        raise ModelError(f"{path}: is {unsupported}, which is not supported as a single file yet (found: "
+                         f"{_describe_facts(facts)}); train it from a diffusers folder (the sdxl family for SDXL)")
+    absent = [p for p in (LDM_VAE, LDM_CLIP) if not any(k.startswith(p) for k in shapes)]
+    if absent:
+        raise ModelError(f"{path}: an SD checkpoint without {' and '.join(a + '*' for a in absent)}; the trainer "
+                         "needs the full checkpoint (UNet, VAE and CLIP text encoder), e.g. from models/checkpoints")
+    configs, source = load_sd15_configs(config)
+    expected = sd_facts_from_configs(configs)
+    diffs = [f"{k}: file {facts[k]} vs config {expected[k]}" for k in facts if facts[k] != expected[k]]
+    if diffs:
+        hint = ("For a model of another size, give its diffusers SD folder (or component configs) as "
+                "model.config." if config is None else "")
+        raise ModelError(f"{path}: an SD checkpoint that does not match {source} ({'; '.join(diffs)}). Found: "
+                         f"{_describe_facts(facts)}. {hint}".rstrip())
+    meta = {k: torch.empty(s, device="meta") for k, s in shapes.items() if k.startswith((LDM_UNET, LDM_VAE, LDM_CLIP))}
+    unet, vae, text = _sd_meta_models(configs)
+    problems = _fit_problems(convert_sd15_checkpoint(meta, configs), {"unet": unet, "vae": vae, "text_encoder": text})
+    if problems:
+        raise ModelError(f"{path}: its weights do not fill the SD 1.5 models of {source}: " + "; ".join(problems))
+    prediction = configs["scheduler"].get("prediction_type", "epsilon")
+    name = "sd15" if config is None else "custom"
+    return Variant(name=name, family="sd15", description=f"a Stable Diffusion 1.5 checkpoint ({prediction} "
+                   f"prediction, {source})", config=configs, source=source)
+
+
+def find_clip_tokenizer(encoders_from: str | Path | None, tokenizer_from: str | Path | None, path) -> Path:
+    """The folder to load the CLIP tokenizer from: `encoders_from` (its tokenizer/ subfolder if it has one) first,
+    then `tokenizer_from` (ComfyUI's comfy/sd1_tokenizer, passed in by the node layer)."""
+    for source in (encoders_from, tokenizer_from):
+        if source is None:
+            continue
+        folder = Path(source).expanduser()
+        for candidate in (folder / "tokenizer", folder):
+            if any((candidate / f).is_file() for f in ("vocab.json", "tokenizer.json")):
+                return candidate
+        raise ModelError(f"{folder}: no CLIP tokenizer there (vocab.json + merges.txt, or tokenizer.json, in it or "
+                         "in its tokenizer/ folder)")
+    raise ModelError(f"{path}: an SD 1.5 checkpoint holds no tokenizer files; give model.encoders_from (a diffusers "
+                     "SD 1.5 folder, or a folder with the CLIP tokenizer's vocab.json and merges.txt), or load it "
+                     "with the Load Training Model (ComfyUI file) node, which uses ComfyUI's comfy/sd1_tokenizer")
+
+
+def load_sd15_vae_file(path: str | Path, config: dict) -> "torch.nn.Module":
+    """AutoencoderKL (float32) from an SD VAE file (models/vae, e.g. vae-ft-mse-840000-ema-pruned.safetensors)."""
+    from accelerate import init_empty_weights
+    from diffusers import AutoencoderKL
+    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
+
+    path = Path(path).expanduser()
+    shapes = read_shapes(path)
+    prefix = LDM_VAE if f"{LDM_VAE}decoder.conv_in.weight" in shapes else ""
+    if f"{prefix}decoder.conv_in.weight" not in shapes or f"{prefix}encoder.conv_in.weight" not in shapes:
+        raise ModelError(f"{path}: not an SD VAE file (no encoder.conv_in.weight / decoder.conv_in.weight)")
+    names = {k: k for k in shapes if k.startswith(prefix) and k.startswith((prefix + "encoder.", prefix + "decoder.",
+                                                                           prefix + "quant_conv.",
+                                                                           prefix + "post_quant_conv."))}
+    state = convert_ldm_vae_checkpoint(_read_tensors(path, names, torch.float32), config)
+    with init_empty_weights():
+        vae = AutoencoderKL.from_config({k: v for k, v in config.items() if not k.startswith("_")})
+    problems = _fit_problems({"vae": state}, {"vae": vae})
+    if problems:
+        raise ModelError(f"{path}: its weights do not fill the SD 1.5 VAE: " + "; ".join(problems))
+    vae.load_state_dict(state, strict=True, assign=True)
+    return vae
+
+
+def load_sd15_checkpoint(path: str | Path, dtype: torch.dtype, device: torch.device | str = "cpu", *,
+                         config: str | Path | dict | None = None, encoders_from: str | Path | None = None,
+                         tokenizer_from: str | Path | None = None, vae_file: str | Path | None = None,
+                         variant: Variant | None = None):
+    """An SD15 family from an original-format SD 1.5 checkpoint (see the section comment above). The UNet and the
+    text encoder in `dtype`, the VAE in float32 (as SD15.load); every tensor must fill its model exactly."""
+    from diffusers import DDPMScheduler
+    from transformers import AutoTokenizer
+
+    from .base import LoadedModel
+    from .sd15 import SD15, freeze_on
+
+    path = Path(path).expanduser()
+    variant = variant or detect_sd15(path, config=config)
+    tokenizer_dir = find_clip_tokenizer(encoders_from, tokenizer_from, path)  # before reading gigabytes
+    configs = variant.config
+    shapes = read_shapes(path)
+    tensors = _read_tensors(path, {k: k for k in shapes if k.startswith((LDM_UNET, LDM_CLIP))}, dtype)
+    if vae_file is None:  # the VAE in float32 whatever `dtype`: SD's VAE overflows in fp16 (NaN latents)
+        tensors.update(_read_tensors(path, {k: k for k in shapes if k.startswith(LDM_VAE)}, torch.float32))
+    converted = convert_sd15_checkpoint(tensors, configs)
+    del tensors
+    unet, vae, text = _sd_meta_models(configs)
+    models = {"unet": unet, "text_encoder": text, **({"vae": vae} if vae_file is None else {})}
+    problems = _fit_problems({k: converted[k] for k in models}, models)
+    if problems:
+        raise ModelError(f"{path}: its weights do not fill the SD 1.5 models: " + "; ".join(problems))
+    for name, model in models.items():
+        model.load_state_dict(converted[name], strict=True, assign=True)
+    if vae_file is not None:
+        vae = load_sd15_vae_file(vae_file, configs["vae"])
+    # The weights were read in their dtypes (UNet, text encoder: `dtype`; VAE: float32) and assigned as they are.
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    except (OSError, ValueError) as e:
+        raise ModelError(f"{tokenizer_dir}: cannot load the CLIP tokenizer: {_first_line(e)}") from e
+    if len(tokenizer) > text.config.vocab_size:
+        raise ModelError(f"{tokenizer_dir}: a tokenizer of {len(tokenizer)} tokens for a text encoder of "
+                         f"{text.config.vocab_size}; it belongs to another model")
+    scheduler = DDPMScheduler.from_config(configs["scheduler"])  # DDPM training noise with the config's betas
+    freeze_on(device, unet, vae, text)
+    loaded = LoadedModel(denoiser=unet, vae=vae, text_encoders=[text], tokenizers=[tokenizer], extra={
+        "scheduler": scheduler, "prediction_type": scheduler.config.prediction_type, "dtype": dtype,
+        "path": str(path), "variant": variant.name})
+    family = SD15(loaded)
+    family.resolution_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    return family
