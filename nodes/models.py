@@ -78,10 +78,12 @@ class LoadTrainingModelFile(io.ComfyNode):
             display_name="Load Training Model (ComfyUI file)",
             category=CATEGORY,
             description="The base model to train a LoRA for, from a file in models/diffusion_models or "
-                        "models/checkpoints (e.g. wan2.1_t2v_1.3B_fp16.safetensors). The variant (Wan 2.1 T2V "
-                        "1.3B/14B, I2V 14B) is detected from the weights' shapes. The file holds only the "
-                        "diffusion model: connect ComfyUI's CLIP (umt5, CLIPLoader type wan) and VAE (Wan 2.1) "
-                        "to the Train node for the text and pixel encoding.",
+                        "models/checkpoints (e.g. wan2.1_t2v_1.3B_fp16.safetensors, v1-5-pruned-emaonly"
+                        ".safetensors). The variant (Wan 2.1 T2V 1.3B/14B, I2V 14B, SD 1.5) is detected from the "
+                        "weights' shapes. A Wan file holds only the diffusion model: connect ComfyUI's CLIP (umt5, "
+                        "CLIPLoader type wan) and VAE (Wan 2.1) to the Train node for the text and pixel encoding. "
+                        "An SD 1.5 checkpoint brings its own CLIP and VAE (ComfyUI's CLIP tokenizer files are "
+                        "used); SDXL and SD 2 checkpoints are not supported as single files yet.",
             inputs=[
                 io.Combo.Input("model_file", options=files or [""],
                                tooltip="A .safetensors file from models/diffusion_models or models/checkpoints"),
@@ -90,7 +92,9 @@ class LoadTrainingModelFile(io.ComfyNode):
                                        "file is upcast to it"),
                 io.String.Input("config", default="", optional=True, extra_dict={"advanced": True},
                                 tooltip="Optional: a diffusers transformer config.json (or its folder) for a "
-                                        "model of non-standard size; empty: detect a released variant"),
+                                        "model of non-standard size; empty: detect a released variant. For an "
+                                        "SD 1.5 checkpoint: 'v_prediction' for a v-prediction fine-tune (a "
+                                        "checkpoint cannot say so), or a diffusers SD folder of its size"),
             ],
             outputs=[PTModel.Output(display_name="model")],
         )
@@ -98,4 +102,16 @@ class LoadTrainingModelFile(io.ComfyNode):
     @classmethod
     def execute(cls, model_file: str, dtype: str, config: str = "") -> io.NodeOutput:
         path = resolve_model_file(model_file, folder_paths.get_full_path)
-        return io.NodeOutput(single_file_model(path, dtype, config))  # ModelError listing what was found
+        # ModelError listing what was found; an SD 1.5 checkpoint's tokenizer is ComfyUI's own copy
+        return io.NodeOutput(single_file_model(path, dtype, config, tokenizer_from=_comfy_sd1_tokenizer()))
+
+
+def _comfy_sd1_tokenizer() -> str | None:
+    """ComfyUI's CLIP ViT-L tokenizer folder (comfy/sd1_tokenizer: vocab.json + merges.txt), the one its own SD 1.5
+    CLIP uses; the trainer library never imports ComfyUI, so the node layer finds it and passes it in."""
+    from pathlib import Path
+
+    import comfy
+
+    folder = Path(comfy.__file__).resolve().parent / "sd1_tokenizer"
+    return str(folder) if (folder / "vocab.json").is_file() else None

@@ -339,3 +339,38 @@ def test_training_from_checkpoint_equals_training_from_folder(tiny_checkpoint, t
     assert losses[1] == losses[0] and losses[2] == losses[0]  # same weights, same arithmetic: identical
     for k, v in folder_run.lora_state.items():
         assert torch.equal(v, file_run.lora_state[k]) and torch.equal(v, cli_run.lora_state[k]), k
+
+
+# ---------------------------------------------------------------------------------------------- node helpers
+
+
+def test_node_spec_names_the_tokenizer_and_loads(tiny_checkpoint, tiny_sd15_path, tmp_path):
+    from trainer import comfy_bridge as cb
+    from trainer.comfy_bridge import Dataset
+
+    configs_only = tmp_path / "configs_only"
+    for name in ("unet", "vae", "text_encoder"):
+        (configs_only / name).mkdir(parents=True)
+        (configs_only / name / "config.json").write_bytes((tiny_sd15_path / name / "config.json").read_bytes())
+    with pytest.raises(ModelError, match="holds no tokenizer files"):  # at the load node, not at Train time
+        cb.single_file_model(tiny_checkpoint, "fp32", str(configs_only))
+    with pytest.raises(ModelError, match="vae_channels: file 8 vs config 128"):  # a unet config.json alone
+        cb.single_file_model(tiny_checkpoint, "fp32", str(tiny_sd15_path / "unet" / "config.json"))
+    # the config folder's tokenizer is the user's choice and wins over ComfyUI's copy
+    comfy_copy = tmp_path / "sd1_tokenizer"
+    comfy_copy.mkdir()
+    for f in (tiny_sd15_path / "tokenizer").iterdir():
+        (comfy_copy / f.name).write_bytes(f.read_bytes())
+    spec = cb.single_file_model(tiny_checkpoint, "fp32", str(tiny_sd15_path), tokenizer_from=comfy_copy)
+    assert spec["family"] == "sd15" and spec["encoders_from"] == str(tiny_sd15_path / "tokenizer")
+    spec = cb.single_file_model(tiny_checkpoint, "fp32", str(configs_only), tokenizer_from=comfy_copy)
+    assert spec["encoders_from"] == str(comfy_copy)
+    family = cb.load_model_for_nodes(spec, torch.float32)
+    assert family.name == "sd15" and family.loaded.tokenizers[0].name_or_path == str(comfy_copy)
+    with pytest.raises(ModelError, match="disconnect"):
+        cb.load_model_for_nodes(spec, torch.float32, encoders=object())
+    mapping = cb.build_job_mapping(job_name="j", model=spec, dataset=Dataset(configs=({"folder_path": "/x"},)),
+                                   network={"linear": 4, "linear_alpha": 4}, schedule=None, train={"steps": 2},
+                                   output_dir=tmp_path, resume=False, save_every=10)
+    assert mapping["model"] == {"family": "sd15", "path": str(tiny_checkpoint), "dtype": "fp32",
+                                "config": str(configs_only), "encoders_from": str(comfy_copy)}

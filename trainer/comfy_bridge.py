@@ -173,15 +173,25 @@ def resolve_model_file(choice: str, full_path: Callable[[str, str], str | None])
     return Path(found)
 
 
-def single_file_model(path: str | os.PathLike, dtype: str, config: str = "") -> dict:
+def single_file_model(path: str | os.PathLike, dtype: str, config: str = "",
+                      tokenizer_from: str | os.PathLike | None = None) -> dict:
     """The PT_MODEL value for a single model file: the variant is detected now from the file's header (a
-    ModelError listing what was found if it matches no known variant); the Train node loads the weights."""
-    from .families.single_file import detect_variant
+    ModelError listing what was found if it matches no known variant); the Train node loads the weights.
+
+    An SD 1.5 checkpoint has no tokenizer files: they come from the `config` folder when it is a diffusers SD
+    folder with a tokenizer, else from `tokenizer_from` (the node passes ComfyUI's comfy/sd1_tokenizer); the
+    spec names that folder as encoders_from, so an exported job file finds it too."""
+    from .families.single_file import detect_variant, find_clip_tokenizer, has_clip_tokenizer
 
     config = (config or "").strip() or None
     variant = detect_variant(path, config=config)
-    return {"family": variant.family, "path": str(path), "dtype": dtype,
+    spec = {"family": variant.family, "path": str(path), "dtype": dtype,
             "single_file": {"variant": variant.name, "description": variant.description, "config": config}}
+    if variant.family == "sd15":
+        named = config if config is not None and Path(config).expanduser().is_dir() and has_clip_tokenizer(config) \
+            else None
+        spec["encoders_from"] = str(find_clip_tokenizer(named, tokenizer_from, path))  # ModelError if neither
+    return spec
 
 
 def load_model_for_nodes(model: dict, dtype, encoders=None, device="cpu"):
@@ -200,7 +210,7 @@ def load_model_for_nodes(model: dict, dtype, encoders=None, device="cpu"):
         from .families.single_file import load_single_file
 
         return load_single_file(model["path"], dtype, device, config=spec.get("config"), encoders=encoders,
-                                family=model["family"])
+                                family=model["family"], encoders_from=model.get("encoders_from"))
     family = get_family(model["family"]).load(model["path"], dtype=dtype, device=device)
     family.loaded.extra["external_encoders"] = encoders
     return family

@@ -514,6 +514,8 @@ def load_sd15_configs(config: str | Path | dict | None = None) -> tuple[dict[str
                                  "text_encoder/config.json, scheduler/scheduler_config.json)")
         elif path.is_file():
             override = _read_json(path)
+            if override.get("_class_name") == "UNet2DConditionModel":  # a unet/config.json on its own
+                override = {"unet": override}
         else:
             raise ModelError(f"{config}: model.config for an SD 1.5 checkpoint must be 'epsilon' or 'v_prediction', "
                              "a diffusers SD folder, or a JSON file of component configs; no such file or folder")
@@ -631,6 +633,12 @@ def detect_sd15(path: str | Path, config: str | Path | dict | None = None, shape
     name = "sd15" if config is None else "custom"
     return Variant(name=name, family="sd15", description=f"a Stable Diffusion 1.5 checkpoint ({prediction} "
                    f"prediction, {source})", config=configs, source=source)
+
+
+def has_clip_tokenizer(folder: str | Path) -> bool:
+    """Whether find_clip_tokenizer would take `folder` (a diffusers SD folder or a plain tokenizer folder)."""
+    folder = Path(folder).expanduser()
+    return any((c / f).is_file() for c in (folder / "tokenizer", folder) for f in ("vocab.json", "tokenizer.json"))
 
 
 def find_clip_tokenizer(encoders_from: str | Path | None, tokenizer_from: str | Path | None, path) -> Path:
