@@ -113,5 +113,9 @@ def _comfy_sd1_tokenizer() -> str | None:
 
     import comfy
 
-    folder = Path(comfy.__file__).resolve().parent / "sd1_tokenizer"
-    return str(folder) if (folder / "vocab.json").is_file() else None
+    # `comfy` may be a namespace package (no __init__.py, __file__ None): take its folder(s) from __path__
+    for root in comfy.__path__:
+        folder = Path(root).resolve() / "sd1_tokenizer"
+        if (folder / "vocab.json").is_file():
+            return str(folder)
+    return None

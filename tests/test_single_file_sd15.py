@@ -98,9 +98,13 @@ def ldm_checkpoint(folder) -> dict:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel
 
-    unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet")
-    vae = AutoencoderKL.from_pretrained(folder, subfolder="vae")
-    text = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder")
+    return ldm_state_dict(UNet2DConditionModel.from_pretrained(folder, subfolder="unet"),
+                          AutoencoderKL.from_pretrained(folder, subfolder="vae"),
+                          CLIPTextModel.from_pretrained(folder, subfolder="text_encoder"))
+
+
+def ldm_state_dict(unet, vae, text) -> dict:
+    """The original-format state dict of diffusers SD models (UNet2DConditionModel, AutoencoderKL, CLIPTextModel)."""
     out = {}
     for k, v in unet.state_dict().items():
         out["model.diffusion_model." + ldm_unet_key(k, unet.config)] = v
