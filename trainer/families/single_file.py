@@ -78,7 +78,8 @@ def read_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
         with safe_open(str(path), framework="pt") as f:
             return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     except Exception as e:  # safetensors raises SafetensorError / OSError variants
-        raise ModelError(f"{path}: not a readable .safetensors file ({_first_line(e)})") from e
+        raise ModelError(f"{path}: is a file but not a readable .safetensors file ({_first_line(e)}); model.path "
+                         "takes a diffusers folder (with model_index.json) or a single .safetensors model file") from e
 
 
 def strip_wan_prefix(keys) -> tuple[str, dict[str, str]]:
