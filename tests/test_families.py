@@ -18,6 +18,7 @@ from trainer.families.base import ModelFamily
 from trainer.families.sd15 import SD15, sd15_target_modules
 from trainer.families.wan21 import Wan21, wan_target_modules
 from trainer.tiny import build_tiny_sd15, build_tiny_wan21
+from family_helpers import edit_json, stack
 
 SD15_FULL_UNET = dict(
     sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, cross_attention_dim=768,
@@ -42,23 +43,11 @@ def wan(tiny_wan21_path):
     return Wan21.load(str(tiny_wan21_path), torch.float32)
 
 
-def stack(conds):
-    return {k: torch.stack([c[k] for c in conds]) for k in conds[0]}
-
 
 def copy_model(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst)
     return dst
 
-
-def edit_json(path: Path, **changes) -> None:
-    data = json.loads(path.read_text())
-    for key, value in changes.items():
-        if value is None:
-            data.pop(key, None)
-        else:
-            data[key] = value
-    path.write_text(json.dumps(data))
 
 
 # ---------------------------------------------------------------- registry

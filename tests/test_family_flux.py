@@ -26,6 +26,7 @@ from trainer.job import parse_job
 from trainer.loop import train
 from trainer.tiny import build_tiny_flux
 from trainer.validation import FixedNoiseProbe
+from family_helpers import edit_json, stack
 
 CAPTIONS = ["a photo of ohwx", "ohwx on a beach, at sunset", ""]
 # black-forest-labs/FLUX.1-dev transformer/config.json, for structure-only checks on the meta device.
@@ -76,14 +77,6 @@ def pipe(tiny_flux_path):
     return pipe
 
 
-def stack(conds):
-    return {k: torch.stack([c[k] for c in conds]) for k in conds[0]}
-
-
-def edit_json(path: Path, **changes) -> None:
-    data = json.loads(path.read_text())
-    data.update(changes)
-    path.write_text(json.dumps(data))
 
 
 def job_spec(model, data, out, steps=130, **dataset):

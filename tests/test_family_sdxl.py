@@ -25,6 +25,7 @@ from trainer.job import parse_job
 from trainer.loop import train
 from trainer.tiny import build_tiny_sdxl
 from trainer.validation import FixedNoiseProbe
+from family_helpers import edit_json, stack
 
 CAPTIONS = ["a photo of ohwx", "ohwx on a beach, at sunset", ""]
 # The UNet of stabilityai/stable-diffusion-xl-base-1.0 (unet/config.json), for structure-only checks on meta.
@@ -54,14 +55,6 @@ def pipe(tiny_sdxl_path):
     return pipe
 
 
-def stack(conds):
-    return {k: torch.stack([c[k] for c in conds]) for k in conds[0]}
-
-
-def edit_json(path: Path, **changes) -> None:
-    data = json.loads(path.read_text())
-    data.update(changes)
-    path.write_text(json.dumps(data))
 
 
 def job_spec(model, data, out, steps=130, **dataset):

@@ -30,6 +30,7 @@ from trainer.job import DatasetConfig, parse_job
 from trainer.loop import train
 from trainer.metrics import read_records
 from trainer.validation import FixedNoiseProbe
+from family_helpers import edit_json
 
 FAST_EXIT = {"loss_improvement_rate_below": 0.005, "min_gradient_stability": 0.3, "max_loss_cv": 1.0}
 # Full-size transformer configs (from the released diffusers folders), built on the meta device.
@@ -51,11 +52,6 @@ def pixels_of(seed: int, frames: int = 5, height: int = 32, width: int = 64) -> 
     clip = np.random.default_rng(seed).integers(0, 256, (frames, height, width, 3), dtype=np.uint8)
     return torch.from_numpy(clip).permute(3, 0, 1, 2).float()[None] / 127.5 - 1.0
 
-
-def edit_json(path, **changes):
-    data = json.loads(path.read_text())
-    data.update(changes)
-    path.write_text(json.dumps(data))
 
 
 def assert_native_round_trip(transformer, names):

@@ -27,6 +27,7 @@ from trainer.job import DatasetConfig, parse_job
 from trainer.loop import train
 from trainer.metrics import read_records
 from trainer.validation import FixedNoiseProbe
+from family_helpers import edit_json
 
 FAST_EXIT = {"loss_improvement_rate_below": 0.005, "min_gradient_stability": 0.3, "max_loss_cv": 1.0}
 
@@ -59,11 +60,6 @@ def to_pixels(clip: np.ndarray) -> torch.Tensor:
 def folder_of(path, tmp_path, name):
     return shutil.copytree(path, tmp_path / name)
 
-
-def edit_json(path, **changes):
-    data = json.loads(path.read_text())
-    data.update(changes)
-    path.write_text(json.dumps(data))
 
 
 # ---------------------------------------------------------------- the family and its folder
