@@ -21,6 +21,9 @@ this module adds what SDXL changes:
   SDXL UNet it gives kohya's familiar 722 linear modules (70 transformer blocks x 10 + 11 x proj_in/out).
 - Export: kohya `lora_unet_<diffusers module path, . -> _>`; ComfyUI maps these for SDXL UNets through
   unet_to_diffusers, while PEFT-style `unet.<path>.to_q` names are silently ignored for attention.
+- Single files: `SDXL.from_single_file` (inherited) loads an original-format SDXL base checkpoint
+  (ComfyUI models/checkpoints) through trainer/families/single_file.py (load_sd_checkpoint, configs in
+  trainer/configs/sdxl/).
 """
 
 from __future__ import annotations

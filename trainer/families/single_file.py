@@ -181,15 +181,15 @@ def detect_variant(path: str | Path, config: str | Path | dict | None = None,
     for fine-tunes of non-standard size. ModelError naming the file and listing the facts found otherwise."""
     shapes = read_shapes(path) if shapes is None else shapes
     if is_ldm_checkpoint(shapes):
-        return detect_sd15(path, config=config, shapes=shapes)
+        return detect_sd(path, config=config, shapes=shapes)
     prefix, names = strip_wan_prefix(shapes)
     plain = {k: shapes[orig] for k, orig in names.items()}
     if "patch_embedding.weight" not in plain or "head.head.weight" not in plain:
         raise ModelError(f"{path}: not a Wan diffusion model file (no patch_embedding.weight / head.head.weight "
                          f"among its {len(shapes)} tensors, e.g. {', '.join(sorted(shapes)[:4])}) nor a full SD 1.5 "
-                         "checkpoint (model.diffusion_model.* with first_stage_model.* and cond_stage_model.*); pick "
-                         "a file from models/diffusion_models such as wan2.1_t2v_1.3B_fp16.safetensors, or an SD 1.5 "
-                         "checkpoint from models/checkpoints")
+                         "checkpoint (model.diffusion_model.* with first_stage_model.* and cond_stage_model.*) or SDXL "
+                         "checkpoint (with conditioner.embedders.*); pick a file from models/diffusion_models such as "
+                         "wan2.1_t2v_1.3B_fp16.safetensors, or an SD 1.5 / SDXL checkpoint from models/checkpoints")
     unsupported = _unsupported_wan(plain, path)
     if unsupported:
         raise ModelError(f"{path}: is {unsupported}")
@@ -310,8 +310,8 @@ def load_single_file(path: str | Path, dtype: torch.dtype, device: torch.device 
                      max_sequence_length: int | None = None, tokenizer_from: str | Path | None = None):
     """A loaded ModelFamily from a single model file.
 
-    An original-format SD 1.5 checkpoint loads with load_sd15_checkpoint (its tokenizer from `encoders_from`,
-    else `tokenizer_from`); the rest of this describes Wan files.
+    An original-format SD 1.5 or SDXL checkpoint loads with load_sd_checkpoint (its tokenizer from
+    `encoders_from`, else `tokenizer_from`); the rest of this describes Wan files.
 
     Text encoding and VAE: `encoders` (a trainer.comfy_encoders.ExternalEncoders) wins; otherwise the text
     encoder and tokenizer come from the Wan diffusers folder `encoders_from`, the VAE from `vae_file` or that
@@ -322,14 +322,15 @@ def load_single_file(path: str | Path, dtype: torch.dtype, device: torch.device 
 
     path = Path(path).expanduser()
     if is_ldm_checkpoint(read_shapes(path)):
-        variant = detect_sd15(path, config=config)  # SDXL / SD 2 files: "not supported as a single file yet"
-        if family not in (None, "sd15"):
-            raise ModelError(f"{path}: is an SD checkpoint, trained by model.family 'sd15', not '{family}'")
+        variant = detect_sd(path, config=config)  # SD 2 / refiner files: "not supported as a single file yet"
+        if family is not None and family != variant.family:
+            raise ModelError(f"{path}: is {variant.description}, trained by model.family '{variant.family}', "
+                             f"not '{family}'")
         if encoders is not None:
-            raise ModelError(f"{path}: an SD 1.5 checkpoint has its own CLIP and VAE; the Train node's CLIP/VAE "
-                             "inputs are for Wan 2.1 files: disconnect them")
-        return load_sd15_checkpoint(path, dtype, device, config=config, encoders_from=encoders_from,
-                                    tokenizer_from=tokenizer_from, vae_file=vae_file, variant=variant)
+            raise ModelError(f"{path}: an SD 1.5 / SDXL checkpoint has its own CLIP and VAE; the Train node's "
+                             "CLIP/VAE inputs are for Wan 2.1 files: disconnect them")
+        return load_sd_checkpoint(path, dtype, device, config=config, encoders_from=encoders_from,
+                                  tokenizer_from=tokenizer_from, vae_file=vae_file, variant=variant)
     variant = detect_variant(path, config=config)
     if family is not None and family != variant.family:
         raise ModelError(f"{path}: is {variant.description}, trained by model.family '{variant.family}', "
@@ -416,16 +417,33 @@ def _first_line(e: Exception) -> str:
 # `encoders_from` (a diffusers SD folder or a folder with vocab.json + merges.txt) or `tokenizer_from` (the
 # ComfyUI node layer passes ComfyUI's comfy/sd1_tokenizer). Nothing in the file says epsilon or v-prediction,
 # so it is epsilon unless the config says otherwise.
+#
+# An SDXL base checkpoint is the same with two text towers: conditioner.embedders.0.transformer.* (CLIP-L, as SD
+# 1.5's) and conditioner.embedders.1.model.* (OpenCLIP bigG, converted by diffusers' convert_open_clip_checkpoint
+# into CLIPTextModelWithProjection), and label_emb.* (the text_time embedding). Its configs are
+# trainer/configs/sdxl/; the family ("sd15" / "sdxl") is read from those key prefixes. SDXL's second tokenizer is
+# the same CLIP vocabulary padded with "!", so one CLIP tokenizer folder serves both unless the folder has its
+# own tokenizer_2/.
 
 SD15_CONFIG_DIR = CONFIG_DIR / "sd15"
 SD_COMPONENTS = {"unet": "config.json", "vae": "config.json", "text_encoder": "config.json",
                  "scheduler": "scheduler_config.json"}
+SDXL_CONFIG_DIR = CONFIG_DIR / "sdxl"
+SDXL_COMPONENTS = {**SD_COMPONENTS, "text_encoder_2": "config.json"}
+# family -> (shipped config folder, component config files, the name errors use)
+SD_FAMILIES = {"sd15": (SD15_CONFIG_DIR, SD_COMPONENTS, "SD 1.5"), "sdxl": (SDXL_CONFIG_DIR, SDXL_COMPONENTS, "SDXL")}
 LDM_UNET = "model.diffusion_model."
 LDM_VAE = "first_stage_model."
 LDM_CLIP = "cond_stage_model.transformer."
+LDM_XL_CLIP_L = "conditioner.embedders.0.transformer."
+LDM_XL_CLIP_G = "conditioner.embedders.1.model."
+# the text towers each family's checkpoint holds, by prefix
+SD_TEXT_PREFIXES = {"sd15": (LDM_CLIP,), "sdxl": (LDM_XL_CLIP_L, LDM_XL_CLIP_G)}
 SD_PREDICTION_TYPES = ("epsilon", "v_prediction")
 _INPUT_BLOCK = re.compile(r"^model\.diffusion_model\.input_blocks\.(\d+)\.")
-_CLIP_LAYER = re.compile(r"^cond_stage_model\.transformer\.text_model\.encoder\.layers\.(\d+)\.")
+_CLIP_LAYER = re.compile(r"^(?:cond_stage_model|conditioner\.embedders\.0)\.transformer\.text_model\.encoder\.layers\."
+                         r"(\d+)\.")
+_OPEN_CLIP_LAYER = re.compile(r"^conditioner\.embedders\.1\.model\.transformer\.resblocks\.(\d+)\.")
 
 
 def is_ldm_checkpoint(shapes: dict) -> bool:
@@ -434,16 +452,24 @@ def is_ldm_checkpoint(shapes: dict) -> bool:
         k.startswith((LDM_VAE, "cond_stage_model.", "conditioner.")) for k in shapes)
 
 
+def sd_family_of(shapes: dict) -> str:
+    """"sdxl" for an ldm checkpoint with SDXL's conditioner / text_time embedding, else "sd15"."""
+    xl = any(k.startswith("conditioner.embedders.") for k in shapes) or f"{LDM_UNET}label_emb.0.0.weight" in shapes
+    return "sdxl" if xl else "sd15"
+
+
 def sd_facts_from_shapes(shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]:
     """The architecture facts an ldm checkpoint's shapes show (what an error lists, and what variants differ in)."""
+    xl = sd_family_of(shapes) == "sdxl"
+    clip = LDM_XL_CLIP_L if xl else LDM_CLIP
     conv_in = shapes.get(f"{LDM_UNET}input_blocks.0.0.weight") or (None, None)
     inputs = {int(m.group(1)) for k in shapes if (m := _INPUT_BLOCK.match(k))}
     levels = 1 + sum(1 for i in inputs if f"{LDM_UNET}input_blocks.{i}.0.op.weight" in shapes)
     context = next((s[1] for k, s in sorted(shapes.items())
                     if k.startswith(LDM_UNET) and k.endswith("attn2.to_k.weight")), None)
     clip_layers = {int(m.group(1)) for k in shapes if (m := _CLIP_LAYER.match(k))}
-    tokens = shapes.get(f"{LDM_CLIP}text_model.embeddings.token_embedding.weight") or (None, None)
-    return {
+    tokens = shapes.get(f"{clip}text_model.embeddings.token_embedding.weight") or (None, None)
+    facts = {
         "in_channels": conv_in[1],
         "model_channels": conv_in[0],
         "out_channels": (shapes.get(f"{LDM_UNET}out.2.weight") or (None,))[0],
@@ -455,11 +481,19 @@ def sd_facts_from_shapes(shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]:
         "vae_channels": (shapes.get(f"{LDM_VAE}encoder.conv_in.weight") or (None,))[0],
         "latent_channels": (shapes.get(f"{LDM_VAE}decoder.conv_in.weight") or (None, None))[1],
     }
+    if xl:
+        open_clip_layers = {int(m.group(1)) for k in shapes if (m := _OPEN_CLIP_LAYER.match(k))}
+        facts.update({
+            "text_2_hidden": (shapes.get(f"{LDM_XL_CLIP_G}token_embedding.weight") or (None, None))[1],
+            "text_2_layers": (max(open_clip_layers) + 1) if open_clip_layers else 0,
+            "adm_in_channels": (shapes.get(f"{LDM_UNET}label_emb.0.0.weight") or (None, None))[1],
+        })
+    return facts
 
 
 def sd_facts_from_configs(configs: dict[str, dict]) -> dict[str, Any]:
     unet, vae, text = configs["unet"], configs["vae"], configs["text_encoder"]
-    return {
+    facts = {
         "in_channels": unet["in_channels"],
         "model_channels": unet["block_out_channels"][0],
         "out_channels": unet["out_channels"],
@@ -471,13 +505,23 @@ def sd_facts_from_configs(configs: dict[str, dict]) -> dict[str, Any]:
         "vae_channels": vae["block_out_channels"][0],
         "latent_channels": vae["latent_channels"],
     }
+    if "text_encoder_2" in configs:
+        text_2 = configs["text_encoder_2"]
+        facts.update({"text_2_hidden": text_2["hidden_size"], "text_2_layers": text_2["num_hidden_layers"],
+                      "adm_in_channels": unet.get("projection_class_embeddings_input_dim")})
+    return facts
 
 
 def _unsupported_sd(shapes: dict, facts: dict) -> str | None:
-    """What an ldm checkpoint is when it is not an SD 1.5 text-to-image model we can train."""
-    if any(k.startswith("conditioner.embedders.") for k in shapes) or f"{LDM_UNET}label_emb.0.0.weight" in shapes:
-        return "an SDXL checkpoint (conditioner.embedders.* / label_emb)"
-    if any(k.startswith("cond_stage_model.model.") for k in shapes) or facts["context_dim"] == 1024:
+    """What an ldm checkpoint is when it is not an SD 1.5 or SDXL base text-to-image model we can train."""
+    if sd_family_of(shapes) == "sdxl":
+        if any(k.startswith("conditioner.embedders.0.model.") for k in shapes):
+            return "an SDXL refiner checkpoint (OpenCLIP bigG only, conditioner.embedders.0.model.*)"
+        absent = [p + "*" for p in SD_TEXT_PREFIXES["sdxl"] if not any(k.startswith(p) for k in shapes)]
+        if absent or f"{LDM_UNET}label_emb.0.0.weight" not in shapes:
+            return (f"an SDXL checkpoint of another layout than SDXL base's (without "
+                    f"{' and '.join(absent) or f'{LDM_UNET}label_emb.*'})")
+    elif any(k.startswith("cond_stage_model.model.") for k in shapes) or facts["context_dim"] == 1024:
         return "an SD 2.x checkpoint (OpenCLIP text encoder, context 1024)"
     if facts["in_channels"] not in (None, facts["latent_channels"] or 4):
         return (f"an SD inpainting / instruct-style checkpoint (the UNet takes {facts['in_channels']} input "
@@ -486,17 +530,22 @@ def _unsupported_sd(shapes: dict, facts: dict) -> str | None:
 
 
 def load_sd15_configs(config: str | Path | dict | None = None) -> tuple[dict[str, dict], str]:
-    """({component: diffusers config}, where it came from) for an SD 1.5 checkpoint.
+    return load_sd_configs(config, "sd15")
 
-    `config`: None -> the shipped SD 1.5 configs; 'epsilon' / 'v_prediction' -> those with that prediction type
+
+def load_sd_configs(config: str | Path | dict | None = None, family: str = "sd15") -> tuple[dict[str, dict], str]:
+    """({component: diffusers config}, where it came from) for an SD 1.5 or SDXL (`family`) checkpoint.
+
+    `config`: None -> the family's shipped configs; 'epsilon' / 'v_prediction' -> those with that prediction type
     (nothing in a checkpoint says it is a v-prediction fine-tune); a diffusers SD folder -> the component configs
     it has (unet/config.json, vae/..., text_encoder/..., scheduler/scheduler_config.json; the others shipped);
     a dict or JSON file {"unet": {...}, "vae": ..., "text_encoder": ..., "scheduler": ..., "prediction_type": ...}
     -> the components it gives replace the shipped ones."""
-    configs = {name: json.loads((SD15_CONFIG_DIR / name / file).read_text(encoding="utf-8"))
-               for name, file in SD_COMPONENTS.items()}
+    config_dir, components, label = SD_FAMILIES[family]
+    configs = {name: json.loads((config_dir / name / file).read_text(encoding="utf-8"))
+               for name, file in components.items()}
     if config is None:
-        return configs, "the shipped SD 1.5 configs"
+        return configs, f"the shipped {label} configs"
     override: dict = {}
     source = str(config) if not isinstance(config, dict) else "the given config"
     if isinstance(config, dict):
@@ -507,24 +556,24 @@ def load_sd15_configs(config: str | Path | dict | None = None) -> tuple[dict[str
         if str(config) in SD_PREDICTION_TYPES or (path.name in SD_PREDICTION_TYPES and not path.exists()):
             override = {"prediction_type": path.name}
         elif path.is_dir():
-            for name, file in SD_COMPONENTS.items():
+            for name, file in components.items():
                 if (path / name / file).is_file():
                     override[name] = _read_json(path / name / file)
             if not override:
-                raise ModelError(f"{path}: no SD component configs there (unet/config.json, vae/config.json, "
-                                 "text_encoder/config.json, scheduler/scheduler_config.json)")
+                raise ModelError(f"{path}: no SD component configs there ("
+                                 + ", ".join(f"{n}/{f}" for n, f in components.items()) + ")")
         elif path.is_file():
             override = _read_json(path)
             if override.get("_class_name") == "UNet2DConditionModel":  # a unet/config.json on its own
                 override = {"unet": override}
         else:
-            raise ModelError(f"{config}: model.config for an SD 1.5 checkpoint must be 'epsilon' or 'v_prediction', "
+            raise ModelError(f"{config}: model.config for an {label} checkpoint must be 'epsilon' or 'v_prediction', "
                              "a diffusers SD folder, or a JSON file of component configs; no such file or folder")
-    unknown = sorted(set(override) - set(SD_COMPONENTS) - {"prediction_type"})
+    unknown = sorted(set(override) - set(components) - {"prediction_type"})
     if unknown:
-        raise ModelError(f"{source}: unknown keys {unknown} in an SD 1.5 config; use unet, vae, text_encoder, "
-                         "scheduler, prediction_type")
-    for name in SD_COMPONENTS:
+        raise ModelError(f"{source}: unknown keys {unknown} in an {label} config; use "
+                         f"{', '.join(components)}, prediction_type")
+    for name in components:
         if name in override:
             if not isinstance(override[name], dict):
                 raise ModelError(f"{source}: {name} must be a config object")
@@ -548,43 +597,63 @@ def _read_json(path: Path) -> dict:
 
 
 def _sd_meta_models(configs: dict[str, dict]):
-    """UNet2DConditionModel, AutoencoderKL and CLIPTextModel of `configs` on the meta device (no memory)."""
+    """(UNet2DConditionModel, AutoencoderKL, CLIPTextModel[, CLIPTextModelWithProjection for SDXL]) of `configs`
+    on the meta device (no memory)."""
+    return tuple(_sd_meta_model_dict(configs).values())
+
+
+def _sd_meta_model_dict(configs: dict[str, dict]) -> dict:
+    """{"unet", "vae", "text_encoder"[, "text_encoder_2"]: model on the meta device} of `configs`."""
     from accelerate import init_empty_weights
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     def plain(cfg):
-        return {k: v for k, v in cfg.items() if not k.startswith("_")}
+        return {k: v for k, v in cfg.items() if not k.startswith("_") and k != "architectures"}
 
     with init_empty_weights():
-        unet = UNet2DConditionModel.from_config(plain(configs["unet"]))
-        vae = AutoencoderKL.from_config(plain(configs["vae"]))
-        text = CLIPTextModel(CLIPTextConfig(**{k: v for k, v in plain(configs["text_encoder"]).items()
-                                               if k != "architectures"}))
-    return unet, vae, text
+        models = {"unet": UNet2DConditionModel.from_config(plain(configs["unet"])),
+                  "vae": AutoencoderKL.from_config(plain(configs["vae"])),
+                  "text_encoder": CLIPTextModel(CLIPTextConfig(**plain(configs["text_encoder"])))}
+        if "text_encoder_2" in configs:
+            models["text_encoder_2"] = CLIPTextModelWithProjection(CLIPTextConfig(**plain(configs["text_encoder_2"])))
+    return models
 
 
 def convert_sd15_checkpoint(state: dict, configs: dict[str, dict]) -> dict[str, dict]:
-    """{"unet", "vae", "text_encoder": diffusers state dict} from an ldm state dict, by diffusers' conversions.
-    Works on meta tensors too (only renames and reshapes), which is how the shapes are checked before loading."""
+    return convert_sd_checkpoint(state, configs)
+
+
+def convert_sd_checkpoint(state: dict, configs: dict[str, dict], text_encoder_2=None) -> dict[str, dict]:
+    """{"unet", "vae", "text_encoder"[, "text_encoder_2"]: diffusers state dict} from an ldm state dict, by
+    diffusers' conversions; SDXL's OpenCLIP tower (configs has text_encoder_2) needs its model `text_encoder_2`
+    (a meta one will do) for convert_open_clip_checkpoint. Works on meta tensors too (only renames, reshapes and
+    splits), which is how the shapes are checked before loading."""
     from diffusers.loaders.single_file_utils import (
         convert_ldm_clip_checkpoint,
         convert_ldm_unet_checkpoint,
         convert_ldm_vae_checkpoint,
+        convert_open_clip_checkpoint,
     )
 
-    text = convert_ldm_clip_checkpoint({k: v for k, v in state.items() if k.startswith(LDM_CLIP)})
+    clip = LDM_XL_CLIP_L if "text_encoder_2" in configs else LDM_CLIP
+    text = convert_ldm_clip_checkpoint({k: v for k, v in state.items() if k.startswith(clip)})
     # transformers >= 5.6 flattened CLIPTextModel (no text_model. wrapper), as diffusers' own loader handles it;
     # position_ids is a non-persistent buffer there (old checkpoints carry it, sometimes with float drift).
     text = {k.removeprefix("text_model."): v for k, v in text.items()}
     text.pop("embeddings.position_ids", None)
-    return {
+    out = {
         "unet": convert_ldm_unet_checkpoint({k: v for k, v in state.items() if k.startswith(LDM_UNET)},
                                             configs["unet"]),
         "vae": convert_ldm_vae_checkpoint({k: v for k, v in state.items() if k.startswith(LDM_VAE)},
                                           configs["vae"]),
         "text_encoder": text,
     }
+    if "text_encoder_2" in configs:
+        # CLIPTextModelWithProjection keeps its text_model. wrapper, the names this conversion gives
+        out["text_encoder_2"] = convert_open_clip_checkpoint(
+            text_encoder_2, {k: v for k, v in state.items() if k.startswith(LDM_XL_CLIP_G)}, prefix=LDM_XL_CLIP_G)
+    return out
 
 
 def _fit_problems(converted: dict[str, dict], models: dict) -> list[str]:
@@ -605,35 +674,45 @@ def _fit_problems(converted: dict[str, dict], models: dict) -> list[str]:
 
 
 def detect_sd15(path: str | Path, config: str | Path | dict | None = None, shapes: dict | None = None) -> Variant:
-    """The Variant of an original-format SD 1.5 checkpoint, from its header only: the facts must be SD 1.5's (or
-    the given config's) and diffusers' conversion of the file's shapes must fill the models exactly."""
+    return detect_sd(path, config=config, shapes=shapes)
+
+
+def detect_sd(path: str | Path, config: str | Path | dict | None = None, shapes: dict | None = None) -> Variant:
+    """The Variant of an original-format SD 1.5 or SDXL base checkpoint (family from its key prefixes), from its
+    header only: the facts must be the family's shipped (or the given config's) and diffusers' conversion of the
+    file's shapes must fill the models exactly."""
     shapes = read_shapes(path) if shapes is None else shapes
+    family = sd_family_of(shapes)
+    label = SD_FAMILIES[family][2]
+    kind = "SD" if family == "sd15" else "SDXL"
     facts = sd_facts_from_shapes(shapes)
     unsupported = _unsupported_sd(shapes, facts)
     if unsupported:
         raise ModelError(f"{path}: is {unsupported}, which is not supported as a single file yet (found: "
                          f"{_describe_facts(facts)}); train it from a diffusers folder (the sdxl family for SDXL)")
-    absent = [p for p in (LDM_VAE, LDM_CLIP) if not any(k.startswith(p) for k in shapes)]
+    absent = [p for p in (LDM_VAE, *SD_TEXT_PREFIXES[family]) if not any(k.startswith(p) for k in shapes)]
     if absent:
-        raise ModelError(f"{path}: an SD checkpoint without {' and '.join(a + '*' for a in absent)}; the trainer "
-                         "needs the full checkpoint (UNet, VAE and CLIP text encoder), e.g. from models/checkpoints")
-    configs, source = load_sd15_configs(config)
+        raise ModelError(f"{path}: an {kind} checkpoint without {' and '.join(a + '*' for a in absent)}; the trainer "
+                         "needs the full checkpoint (UNet, VAE and text encoders), e.g. from models/checkpoints")
+    configs, source = load_sd_configs(config, family)
     expected = sd_facts_from_configs(configs)
-    diffs = [f"{k}: file {facts[k]} vs config {expected[k]}" for k in facts if facts[k] != expected[k]]
+    diffs = [f"{k}: file {facts[k]} vs config {expected.get(k)}" for k in facts if facts[k] != expected.get(k)]
     if diffs:
-        hint = ("For a model of another size, give its diffusers SD folder (or component configs) as "
+        hint = (f"For a model of another size, give its diffusers {kind} folder (or component configs) as "
                 "model.config." if config is None else "")
-        raise ModelError(f"{path}: an SD checkpoint that does not match {source} ({'; '.join(diffs)}). Found: "
+        raise ModelError(f"{path}: an {kind} checkpoint that does not match {source} ({'; '.join(diffs)}). Found: "
                          f"{_describe_facts(facts)}. {hint}".rstrip())
-    meta = {k: torch.empty(s, device="meta") for k, s in shapes.items() if k.startswith((LDM_UNET, LDM_VAE, LDM_CLIP))}
-    unet, vae, text = _sd_meta_models(configs)
-    problems = _fit_problems(convert_sd15_checkpoint(meta, configs), {"unet": unet, "vae": vae, "text_encoder": text})
+    meta = {k: torch.empty(s, device="meta") for k, s in shapes.items()
+            if k.startswith((LDM_UNET, LDM_VAE, *SD_TEXT_PREFIXES[family]))}
+    models = _sd_meta_model_dict(configs)
+    problems = _fit_problems(convert_sd_checkpoint(meta, configs, models.get("text_encoder_2")), models)
     if problems:
-        raise ModelError(f"{path}: its weights do not fill the SD 1.5 models of {source}: " + "; ".join(problems))
+        raise ModelError(f"{path}: its weights do not fill the {label} models of {source}: " + "; ".join(problems))
     prediction = configs["scheduler"].get("prediction_type", "epsilon")
-    name = "sd15" if config is None else "custom"
-    return Variant(name=name, family="sd15", description=f"a Stable Diffusion 1.5 checkpoint ({prediction} "
-                   f"prediction, {source})", config=configs, source=source)
+    name = family if config is None else "custom"
+    title = "a Stable Diffusion 1.5" if family == "sd15" else "a Stable Diffusion XL"
+    return Variant(name=name, family=family, description=f"{title} checkpoint ({prediction} prediction, {source})",
+                   config=configs, source=source)
 
 
 def has_clip_tokenizer(folder: str | Path) -> bool:
@@ -654,8 +733,8 @@ def find_clip_tokenizer(encoders_from: str | Path | None, tokenizer_from: str | 
                 return candidate
         raise ModelError(f"{folder}: no CLIP tokenizer there (vocab.json + merges.txt, or tokenizer.json, in it or "
                          "in its tokenizer/ folder)")
-    raise ModelError(f"{path}: an SD 1.5 checkpoint holds no tokenizer files; give model.encoders_from (a diffusers "
-                     "SD 1.5 folder, or a folder with the CLIP tokenizer's vocab.json and merges.txt), or load it "
+    raise ModelError(f"{path}: an SD 1.5 / SDXL checkpoint holds no tokenizer files; give model.encoders_from (a "
+                     "diffusers SD 1.5 or SDXL folder, or a folder with the CLIP tokenizer's vocab.json and merges.txt), or load it "
                      "with the Load Training Model (ComfyUI file) node, which uses ComfyUI's comfy/sd1_tokenizer")
 
 
@@ -678,55 +757,80 @@ def load_sd15_vae_file(path: str | Path, config: dict) -> "torch.nn.Module":
         vae = AutoencoderKL.from_config({k: v for k, v in config.items() if not k.startswith("_")})
     problems = _fit_problems({"vae": state}, {"vae": vae})
     if problems:
-        raise ModelError(f"{path}: its weights do not fill the SD 1.5 VAE: " + "; ".join(problems))
+        raise ModelError(f"{path}: its weights do not fill the SD VAE of this config: " + "; ".join(problems))
     vae.load_state_dict(state, strict=True, assign=True)
     return vae
 
 
-def load_sd15_checkpoint(path: str | Path, dtype: torch.dtype, device: torch.device | str = "cpu", *,
-                         config: str | Path | dict | None = None, encoders_from: str | Path | None = None,
-                         tokenizer_from: str | Path | None = None, vae_file: str | Path | None = None,
-                         variant: Variant | None = None):
-    """An SD15 family from an original-format SD 1.5 checkpoint (see the section comment above). The UNet and the
-    text encoder in `dtype`, the VAE in float32 (as SD15.load); every tensor must fill its model exactly."""
+def _sdxl_tokenizer_2(tokenizer_dir: Path):
+    """SDXL's second tokenizer: the sibling tokenizer_2/ of a diffusers SDXL folder's tokenizer/ when there is one,
+    else the same CLIP vocabulary padded with "!" (token 0), as SDXL base's tokenizer_2 and ComfyUI's clip_g
+    tokenizer (pad_with_end=False) pad."""
+    from transformers import AutoTokenizer
+
+    sibling = tokenizer_dir.parent / "tokenizer_2"
+    if tokenizer_dir.name == "tokenizer" and has_clip_tokenizer(sibling):
+        return AutoTokenizer.from_pretrained(str(sibling))
+    return AutoTokenizer.from_pretrained(str(tokenizer_dir), pad_token="!")
+
+
+def load_sd15_checkpoint(path: str | Path, dtype: torch.dtype, device: torch.device | str = "cpu", **kwargs):
+    return load_sd_checkpoint(path, dtype, device, **kwargs)
+
+
+def load_sd_checkpoint(path: str | Path, dtype: torch.dtype, device: torch.device | str = "cpu", *,
+                       config: str | Path | dict | None = None, encoders_from: str | Path | None = None,
+                       tokenizer_from: str | Path | None = None, vae_file: str | Path | None = None,
+                       variant: Variant | None = None):
+    """An SD15 or SDXL family from an original-format checkpoint (see the section comment above). The UNet and
+    the text encoders in `dtype`, the VAE in float32 (as the families' load); every tensor must fill its model
+    exactly."""
     from diffusers import DDPMScheduler
     from transformers import AutoTokenizer
 
+    from . import get_family
     from .base import LoadedModel
-    from .sd15 import SD15, freeze_on
+    from .sd15 import freeze_on
 
     path = Path(path).expanduser()
-    variant = variant or detect_sd15(path, config=config)
+    variant = variant or detect_sd(path, config=config)
     tokenizer_dir = find_clip_tokenizer(encoders_from, tokenizer_from, path)  # before reading gigabytes
-    configs = variant.config
+    configs, family = variant.config, variant.family
+    label = SD_FAMILIES[family][2]
     shapes = read_shapes(path)
-    tensors = _read_tensors(path, {k: k for k in shapes if k.startswith((LDM_UNET, LDM_CLIP))}, dtype)
+    tensors = _read_tensors(path, {k: k for k in shapes if k.startswith((LDM_UNET, *SD_TEXT_PREFIXES[family]))},
+                            dtype)
     if vae_file is None:  # the VAE in float32 whatever `dtype`: SD's VAE overflows in fp16 (NaN latents)
         tensors.update(_read_tensors(path, {k: k for k in shapes if k.startswith(LDM_VAE)}, torch.float32))
-    converted = convert_sd15_checkpoint(tensors, configs)
+    models = _sd_meta_model_dict(configs)
+    converted = convert_sd_checkpoint(tensors, configs, models.get("text_encoder_2"))
     del tensors
-    unet, vae, text = _sd_meta_models(configs)
-    models = {"unet": unet, "text_encoder": text, **({"vae": vae} if vae_file is None else {})}
+    if vae_file is not None:
+        del models["vae"]
     problems = _fit_problems({k: converted[k] for k in models}, models)
     if problems:
-        raise ModelError(f"{path}: its weights do not fill the SD 1.5 models: " + "; ".join(problems))
+        raise ModelError(f"{path}: its weights do not fill the {label} models: " + "; ".join(problems))
     for name, model in models.items():
         model.load_state_dict(converted[name], strict=True, assign=True)
-    if vae_file is not None:
-        vae = load_sd15_vae_file(vae_file, configs["vae"])
-    # The weights were read in their dtypes (UNet, text encoder: `dtype`; VAE: float32) and assigned as they are.
+    vae = load_sd15_vae_file(vae_file, configs["vae"]) if vae_file is not None else models["vae"]
+    # The weights were read in their dtypes (UNet, text encoders: `dtype`; VAE: float32) and assigned as they are.
+    texts = [models["text_encoder"]] + ([models["text_encoder_2"]] if "text_encoder_2" in models else [])
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+        tokenizers = [AutoTokenizer.from_pretrained(str(tokenizer_dir))]
+        if len(texts) == 2:
+            tokenizers.append(_sdxl_tokenizer_2(tokenizer_dir))
     except (OSError, ValueError) as e:
         raise ModelError(f"{tokenizer_dir}: cannot load the CLIP tokenizer: {_first_line(e)}") from e
-    if len(tokenizer) > text.config.vocab_size:
-        raise ModelError(f"{tokenizer_dir}: a tokenizer of {len(tokenizer)} tokens for a text encoder of "
-                         f"{text.config.vocab_size}; it belongs to another model")
+    for tokenizer, text in zip(tokenizers, texts):
+        if len(tokenizer) > text.config.vocab_size:
+            raise ModelError(f"{tokenizer_dir}: a tokenizer of {len(tokenizer)} tokens for a text encoder of "
+                             f"{text.config.vocab_size}; it belongs to another model")
     scheduler = DDPMScheduler.from_config(configs["scheduler"])  # DDPM training noise with the config's betas
-    freeze_on(device, unet, vae, text)
-    loaded = LoadedModel(denoiser=unet, vae=vae, text_encoders=[text], tokenizers=[tokenizer], extra={
+    freeze_on(device, models["unet"], vae, *texts)
+    vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
+    loaded = LoadedModel(denoiser=models["unet"], vae=vae, text_encoders=texts, tokenizers=tokenizers, extra={
         "scheduler": scheduler, "prediction_type": scheduler.config.prediction_type, "dtype": dtype,
-        "path": str(path), "variant": variant.name})
-    family = SD15(loaded)
-    family.resolution_factor = 2 ** (len(vae.config.block_out_channels) - 1)
-    return family
+        "path": str(path), "variant": variant.name, "vae_scale_factor": vae_scale})
+    model = get_family(family)(loaded)
+    model.resolution_factor = vae_scale
+    return model
