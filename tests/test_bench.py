@@ -18,7 +18,7 @@ from trainer.bench import (
     run_bench,
     write_clip,
 )
-from trainer.data.training_set import TrainingSet, scan_datasets
+from trainer.data.training_set import TrainingSet
 from trainer.data.video import probe_video, read_frames, sample_indices
 from trainer.demo import make_images
 from trainer.families import get_family
@@ -63,7 +63,7 @@ def test_bare_loop_trains_the_same_lora_size_and_restores_the_unet(tiny_sd15_pat
                      "datasets": [{"folder_path": str(data), "resolution": [32]}],
                      "network": {"linear": 4, "linear_alpha": 4, "conv": 4, "conv_alpha": 8}})
     family = get_family("sd15").load(str(tiny_sd15_path), dtype=torch.float32)
-    training_set = TrainingSet.build(scan_datasets(job.datasets, type(family), log=lambda m: None), family, seed=0,
+    training_set = TrainingSet.build(job.datasets, family, seed=0,
                                      log=lambda m: None)
     modules_before = dict(family.denoiser.named_modules())
     weights_before = {k: v.clone() for k, v in family.denoiser.state_dict().items()}

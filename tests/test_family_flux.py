@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from fixtures_models import tiny_flux_path, tiny_flux_schnell_path, tiny_sdxl_path  # noqa: F401
-from trainer.data.training_set import TrainingSet, scan_datasets
+from trainer.data.training_set import TrainingSet
 from trainer.demo import make_images
 from trainer.errors import JobError, ModelError
 from trainer.export import delta_from_file
@@ -381,7 +381,7 @@ def test_run_transitions_and_exports_comfyui_flux_keys(tiny_flux_path, tmp_path)
     make_images(data)
     job = parse_job(job_spec(tiny_flux_path, data, tmp_path / "out"))
     family = Flux.load(str(tiny_flux_path), torch.float32)
-    training_set = TrainingSet.build(scan_datasets(job.datasets, Flux, log=lambda m: None), family, seed=0,
+    training_set = TrainingSet.build(job.datasets, family, seed=0,
                                      log=lambda m: None)
     probe = FixedNoiseProbe(training_set, family, items=4)
     before = probe.loss()

@@ -308,7 +308,7 @@ def test_run_transitions_and_exports_comfyui_kohya_keys(tiny_sdxl_path, tmp_path
     make_images(data)
     job = parse_job(job_spec(tiny_sdxl_path, data, tmp_path / "out"))
     family = SDXL.load(str(tiny_sdxl_path), torch.float32)
-    training_set = TrainingSet.build(scan_datasets(job.datasets, SDXL, log=lambda m: None), family, seed=0,
+    training_set = TrainingSet.build(job.datasets, family, seed=0,
                                      log=lambda m: None)
     probe = FixedNoiseProbe(training_set, family, items=4)
     before = probe.loss()

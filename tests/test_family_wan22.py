@@ -18,7 +18,7 @@ from fixtures_models import (  # noqa: F401
     tiny_wan22_14b_path,
 )
 from tests.media import textured_frames, write_caption, write_image, write_video
-from trainer.data.training_set import TrainingSet, scan_datasets
+from trainer.data.training_set import TrainingSet
 from trainer.errors import ModelError
 from trainer.export import delta_from_file
 from trainer.families import get_family
@@ -216,7 +216,7 @@ def test_ti2v_i2v_run_learns_transitions_and_exports(tiny_wan22_5b_path, tmp_pat
     }
     job = parse_job(spec)
     fam = Wan22TI2V.load(str(tiny_wan22_5b_path), torch.float32)
-    ts = TrainingSet.build(scan_datasets(job.datasets, Wan22TI2V, log=quiet), fam, seed=0, log=quiet)
+    ts = TrainingSet.build(job.datasets, fam, seed=0, log=quiet)
     video = next(i for i, s in enumerate(ts.samples) if s.item.kind == "video")
     probe = FixedNoiseProbe(ts, fam, items=2)
     before = probe.loss()
@@ -411,7 +411,7 @@ def test_loop_trains_only_the_chosen_expert(tiny_wan22_14b_i2v_path, tmp_path):
         return u
 
     fam.sample_timesteps = recording
-    ts = TrainingSet.build(scan_datasets(job.datasets, Wan22A14BI2V, log=quiet), fam, seed=0, log=quiet)
+    ts = TrainingSet.build(job.datasets, fam, seed=0, log=quiet)
     result = train(job, family=fam, training_set=ts)
     assert len(seen) == 30 and max(seen) < 900.0
     assert all(torch.equal(v, high_before[k]) for k, v in fam.experts["high_noise"].state_dict().items())

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from fixtures_models import tiny_wan21_i2v_path, tiny_wan21_path  # noqa: F401
 from tests.media import textured_frames, write_caption, write_image, write_video
 from trainer.data.sources import load_pixels
-from trainer.data.training_set import TrainingSet, scan_datasets, validate_dataset_config
+from trainer.data.training_set import TrainingSet, validate_dataset_config
 from trainer.errors import JobError, ModelError
 from trainer.export import delta_from_file
 from trainer.families import get_family
@@ -253,7 +253,7 @@ def test_i2v_run_learns_transitions_and_exports(tiny_wan21_i2v_path, tmp_path):
     }
     job = parse_job(spec)
     fam = Wan21I2V.load(str(tiny_wan21_i2v_path), torch.float32)
-    ts = TrainingSet.build(scan_datasets(job.datasets, Wan21I2V, log=quiet), fam, seed=0, log=quiet)
+    ts = TrainingSet.build(job.datasets, fam, seed=0, log=quiet)
     probe = FixedNoiseProbe(ts, fam, items=2)
     before = probe.loss()
     result = train(job, family=fam, training_set=ts)

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from fixtures_models import tiny_sd15_path, tiny_wan21_path  # noqa: F401
-from trainer.data.training_set import TrainingSet, scan_datasets
+from trainer.data.training_set import TrainingSet
 from trainer.demo import make_images
 from trainer.errors import TrainerError
 from trainer.families import get_family
@@ -103,7 +103,7 @@ def test_gradient_checkpointing_job_option_trains_the_same_run(tiny_sd15_path, t
     for flag in (False, True):
         job = _sd15_job(tiny_sd15_path, data, tmp_path / f"out_{flag}", gradient_checkpointing=flag)
         family = get_family("sd15").load(str(tiny_sd15_path), dtype=torch.float32)
-        training_set = TrainingSet.build(scan_datasets(job.datasets, type(family), log=lambda m: None), family,
+        training_set = TrainingSet.build(job.datasets, family,
                                          seed=0, log=lambda m: None)
         watch = _Watch(family)
         result = train(job, watch, family=family, training_set=training_set)
@@ -125,7 +125,7 @@ def test_half_precision_weights_train(dtype, torch_dtype, tiny_sd15_path, tmp_pa
     job = _sd15_job(tiny_sd15_path, data, tmp_path / "out", dtype=dtype)
     family = get_family("sd15").load(str(tiny_sd15_path), dtype=torch_dtype)
     assert {p.dtype for p in family.denoiser.parameters()} == {torch_dtype}
-    training_set = TrainingSet.build(scan_datasets(job.datasets, type(family), log=lambda m: None), family,
+    training_set = TrainingSet.build(job.datasets, family,
                                      seed=0, log=lambda m: None)
     watch = _Watch()
     result = train(job, watch, family=family, training_set=training_set)
@@ -157,7 +157,7 @@ def test_encoders_are_released_once_cached(tiny_sd15_path, tmp_path):
     family = get_family("sd15").load(str(tiny_sd15_path), dtype=torch.float32)
     vae = weakref.ref(family.loaded.vae)
     text_encoder = weakref.ref(family.loaded.text_encoders[0])
-    training_set = TrainingSet.build(scan_datasets(job.datasets, type(family), log=lambda m: None), family,
+    training_set = TrainingSet.build(job.datasets, family,
                                      seed=0, log=lambda m: None)
     alive_at_first_step = []
 

@@ -16,7 +16,7 @@ import torch
 from fixtures_models import tiny_sd15_path  # noqa: F401
 from tests.reliability_helpers import Quiet
 from trainer import checkpoint as ckpt
-from trainer.data.training_set import TrainingSet, scan_datasets
+from trainer.data.training_set import TrainingSet
 from trainer.demo import make_images
 from trainer.errors import TrainerError
 from trainer.families import get_family
@@ -67,7 +67,7 @@ def setup(model, tmp_path, steps, max_bad):
         "save": {"every": 1, "keep_last": 100, "resume": "latest"},  # a bundle per step: the state after each
     })
     family = get_family("sd15").load(str(model), dtype=torch.float32)
-    ts = TrainingSet.build(scan_datasets(job.datasets, type(family), log=lambda m: None), family, seed=0,
+    ts = TrainingSet.build(job.datasets, family, seed=0,
                            log=lambda m: None)
     return job, family, ts
 

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from fixtures_models import tiny_sd15_path  # noqa: F401
 from tests.reliability_helpers import StopAfter, no_network, strip_volatile  # noqa: F401
 from trainer import checkpoint as ckpt
-from trainer.data.training_set import TrainingSet, scan_datasets
+from trainer.data.training_set import TrainingSet
 from trainer.demo import make_images
 from trainer.errors import InterruptedTraining
 from trainer.families import get_family
@@ -54,7 +54,7 @@ def spec(model, data, out, accumulation: int, transition: str) -> dict:
 def fresh(model, job):
     """A newly loaded model and training set, as a new process would have."""
     family = get_family("sd15").load(str(model), dtype=torch.float32)
-    ts = TrainingSet.build(scan_datasets(job.datasets, type(family), log=lambda m: None), family, seed=0,
+    ts = TrainingSet.build(job.datasets, family, seed=0,
                            log=lambda m: None)
     return family, ts
 

@@ -16,7 +16,7 @@ from fixtures_models import tiny_sd15_path, tiny_wan21_path  # noqa: F401
 from tests.media import textured_frames, write_caption, write_image, write_video
 from trainer import checkpoint as ckpt
 from trainer.__main__ import main as cli
-from trainer.data.training_set import TrainingSet, scan_datasets
+from trainer.data.training_set import TrainingSet
 from trainer.demo import make_images
 from trainer.export import delta_from_file
 from trainer.families import get_family
@@ -57,7 +57,7 @@ def apply_file_like_comfyui(family, lora_file, linear_rank, conv_rank):
 
 def load_and_cache(family_name, model, job):
     fam = get_family(family_name).load(str(model), dtype=torch.float32)
-    ts = TrainingSet.build(scan_datasets(job.datasets, type(fam), log=lambda m: None), fam, seed=0,
+    ts = TrainingSet.build(job.datasets, fam, seed=0,
                            log=lambda m: None)
     return fam, ts
 

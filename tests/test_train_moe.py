@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from fixtures_models import tiny_wan22_14b_path  # noqa: F401
 from tests.media import textured_frames, write_caption, write_video
 from trainer import checkpoint as ckpt
-from trainer.data.training_set import TrainingSet, scan_datasets
+from trainer.data.training_set import TrainingSet
 from trainer.errors import JobError
 from trainer.families import get_family
 from trainer.job import parse_job
@@ -53,7 +53,7 @@ def clips(tmp_path):
 
 def load(model, job):
     fam = get_family("wan22_14b").load(str(model), dtype=torch.float32)
-    ts = TrainingSet.build(scan_datasets(job.datasets, type(fam), log=lambda m: None), fam, seed=0,
+    ts = TrainingSet.build(job.datasets, fam, seed=0,
                            log=lambda m: None)
     return fam, ts
 

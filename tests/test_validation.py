@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from fixtures_models import tiny_sd15_path  # noqa: F401
-from trainer.data.training_set import TrainingSet, scan_datasets
+from trainer.data.training_set import TrainingSet
 from trainer.demo import make_images
 from trainer.errors import JobError
 from trainer.families import get_family
@@ -36,7 +36,7 @@ def sd15_set(tiny_sd15_path, tmp_path_factory):
     fam = get_family("sd15").load(str(tiny_sd15_path), dtype=torch.float32)
     job = parse_job({"job": "v", "model": {"family": "sd15", "path": str(tiny_sd15_path), "dtype": "fp32"},
                      "datasets": [{"folder_path": str(data), "resolution": [32]}]})
-    ts = TrainingSet.build(scan_datasets(job.datasets, type(fam), log=lambda m: None), fam, seed=0,
+    ts = TrainingSet.build(job.datasets, fam, seed=0,
                            log=lambda m: None)
     return fam, ts
 

@@ -14,7 +14,7 @@ from fixtures_models import tiny_sd15_path  # noqa: F401
 from tests.media import write_caption, write_image
 from tests.test_train_integration import apply_file_like_comfyui
 from trainer import checkpoint as ckpt
-from trainer.data.training_set import TrainingSet, scan_datasets
+from trainer.data.training_set import TrainingSet
 from trainer.demo import make_images
 from trainer.families import get_family
 from trainer.job import parse_job
@@ -43,7 +43,7 @@ def spec(model, data, out, steps, validation, schedule=True, save_every=1000):
 
 def loaded(model, job):
     fam = get_family("sd15").load(str(model), dtype=torch.float32)
-    ts = TrainingSet.build(scan_datasets(job.datasets, type(fam), log=lambda m: None), fam, seed=0,
+    ts = TrainingSet.build(job.datasets, fam, seed=0,
                            log=lambda m: None)
     return fam, ts
 

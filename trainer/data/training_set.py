@@ -156,7 +156,8 @@ class TrainingSet:
         """Scan, bucket and encode everything once.
 
         `datasets`: a list of DatasetConfig (or dicts with its keys) and/or MediaItems (`items_from_tensors`,
-        or `scan_datasets`' result, which is not scanned again), nested lists allowed. `family`: a loaded ModelFamily. `cache_dir`: where disk-cached latents go instead
+        or `scan_datasets`' result, which is not scanned again), nested lists allowed. `family`: a loaded
+        ModelFamily. `cache_dir`: where disk-cached latents go instead
         of ``<folder>/.phase_trainer_cache/`` (e.g. for read-only dataset folders); it also turns the disk
         cache on for in-memory items. Raises JobError / DatasetError before encoding anything.
         """
