@@ -8,6 +8,7 @@ are scanned, and only then is the model loaded.
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 import signal
 import time
 from dataclasses import dataclass, field
@@ -399,20 +400,13 @@ def _train(job, callbacks, family, training_set, extra_items, lora_path, acceler
                 noisy.model_input = noisy.model_input.to(device, weight_dtype)
                 noisy.timesteps = noisy.timesteps.to(device)
                 cond = {k: v.to(device, weight_dtype) for k, v in batch["cond"].items()}
-                if direct:
-                    if amp:
-                        with accelerator.autocast():
-                            pred = family.predict(noisy, cond, **kw)
-                    else:
+                with nullcontext() if direct else accelerator.accumulate(unit.denoiser):
+                    with accelerator.autocast() if amp or not direct else nullcontext():
                         pred = family.predict(noisy, cond, **kw)
                     loss = F.mse_loss(pred.float(), noisy.target.to(device, torch.float32))
-                    # what accelerator.backward does here; x / 1 would change no bit, so it is left out
-                    (loss / accumulation if accumulation != 1 else loss).backward()
-                else:
-                    with accelerator.accumulate(unit.denoiser):
-                        with accelerator.autocast():
-                            pred = family.predict(noisy, cond, **kw)
-                        loss = F.mse_loss(pred.float(), noisy.target.to(device, torch.float32))
+                    if direct:  # what accelerator.backward does here; x / 1 would change no bit: left out
+                        (loss / accumulation if accumulation != 1 else loss).backward()
+                    else:
                         accelerator.backward(loss)
                 micro_losses.append(loss.detach())
             health, params = unit.health, unit.params
