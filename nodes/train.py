@@ -109,27 +109,34 @@ def validation_input() -> list:
 
 
 def encoder_inputs() -> list:
-    """ComfyUI's own text encoder and VAE, used instead of loading the family's (Wan 2.1 models)."""
+    """ComfyUI's own encoders, used instead of loading the family's (trainer/comfy_encoders/)."""
     note = ("Captions and pixels are encoded once before training and cached, then this encoder is released "
             "(moved out of GPU memory) for the training steps.")
     return [
         io.Clip.Input("clip", optional=True,
-                      tooltip="Optional (Wan 2.1): the umt5 text encoder from CLIPLoader (type wan); required with "
-                              "a model from a ComfyUI file. " + note),
+                      tooltip="Optional: the model's text encoder as ComfyUI loads it (Wan: CLIPLoader type wan; "
+                              "required with a Wan model from a ComfyUI file). " + note),
         io.Vae.Input("vae", optional=True,
-                     tooltip="Optional (Wan 2.1): the Wan 2.1 VAE from VAELoader; required with a model from a "
-                             "ComfyUI file. " + note),
+                     tooltip="Optional: the model's VAE from VAELoader (required with a Wan model from a ComfyUI "
+                             "file). " + note),
+        io.ClipVision.Input("clip_vision", optional=True,
+                            tooltip="Optional (Wan 2.1 I2V): the CLIP vision model from CLIPVisionLoader "
+                                    "(clip_vision_h) that encodes each clip's first frame. " + note),
     ]
 
 
-def comfy_encoders(clip, vae):
-    """The graph's CLIP/VAE as the library's ExternalEncoders (None when neither is connected). Releasing them
-    after caching also unloads them from the GPU."""
-    if clip is None and vae is None:
-        return None
-    from trainer.comfy_encoders import comfy_wan_encoders
+def comfy_encoders(family: str, clip, vae, clip_vision=None):
+    """The graph's encoders as the library's ExternalEncoders for `family` (None when none is connected).
+    Releasing them after caching also unloads them from the GPU."""
+    from trainer.comfy_encoders import for_family
+    from trainer.errors import ModelError
 
-    encoders = comfy_wan_encoders(clip, vae)
+    try:
+        encoders = for_family(family, clip, vae, clip_vision)
+    except ValueError as e:
+        raise ModelError(str(e)) from e
+    if encoders is None:
+        return None
     if mm.get_torch_device().type != "cpu":
         def unload() -> None:
             mm.unload_all_models()
@@ -207,7 +214,7 @@ class Train(io.ComfyNode):
     def execute(cls, model, dataset, network, job_name, steps, learning_rate, optimizer, lr_scheduler,
                 warmup_steps, batch_size, gradient_accumulation, seed, save_every, resume, schedule=None,
                 keep_last=3, mixed_precision="auto", gradient_checkpointing=False,
-                max_grad_norm=1.0, clip=None, vae=None, validation=None) -> io.NodeOutput:
+                max_grad_norm=1.0, clip=None, vae=None, clip_vision=None, validation=None) -> io.NodeOutput:
         mapping = job_mapping(model=model, dataset=dataset, network=network, schedule=schedule, job_name=job_name,
                               steps=steps, learning_rate=learning_rate, optimizer=optimizer,
                               lr_scheduler=lr_scheduler, warmup_steps=warmup_steps, batch_size=batch_size,
@@ -244,7 +251,7 @@ class Train(io.ComfyNode):
                 run = train_from_nodes(mapping, dataset, lora_path=lora_path, node_id=node_id, send=send,
                                        progress=progress, interrupted=mm.processing_interrupted, log=log_line,
                                        accelerator=_accelerator_for_comfyui(mixed_precision), model=model,
-                                       encoders=comfy_encoders(clip, vae))
+                                       encoders=comfy_encoders(model["family"], clip, vae, clip_vision))
         except InterruptedTraining as stop:
             log_line(f"cancelled: queue again with resume on to continue from step {stop.step}")
             mm.throw_exception_if_processing_interrupted()  # ComfyUI's own interrupt (and it clears the flag)

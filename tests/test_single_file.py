@@ -161,7 +161,7 @@ def test_config_mismatch_names_the_differences(tiny_native_file, tiny_wan21_path
 def test_wrong_files_fail_before_loading(tmp_path, tiny_wan21_path):
     sd_unet = tmp_path / "sd.safetensors"
     save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(4, 4, 3, 3)}, str(sd_unet))
-    with pytest.raises(ModelError, match="not a Wan diffusion model file"):
+    with pytest.raises(ModelError, match="not a model file the trainer knows"):
         detect_variant(sd_unet)
     with pytest.raises(ModelError, match="only .safetensors"):
         detect_variant(tmp_path / "model.ckpt")

@@ -211,7 +211,7 @@ def test_sdxl_sd2_inpainting_and_partial_files_are_refused(tmp_path):
     # a UNet alone is neither Wan nor a full checkpoint
     unet_only = tmp_path / "unet.safetensors"
     header_only_file(unet_only, {k: s for k, s in shapes.items() if k.startswith("model.diffusion_model.")})
-    with pytest.raises(ModelError, match="nor a full SD 1.5 checkpoint"):
+    with pytest.raises(ModelError, match="not a model file the trainer knows.*full SD 1.5"):
         detect_variant(unet_only)
 
 
@@ -371,8 +371,6 @@ def test_node_spec_names_the_tokenizer_and_loads(tiny_checkpoint, tiny_sd15_path
     assert spec["encoders_from"] == str(comfy_copy)
     family = cb.load_model_for_nodes(spec, torch.float32)
     assert family.name == "sd15" and family.loaded.tokenizers[0].name_or_path == str(comfy_copy)
-    with pytest.raises(ModelError, match="disconnect"):
-        cb.load_model_for_nodes(spec, torch.float32, encoders=object())
     mapping = cb.build_job_mapping(job_name="j", model=spec, dataset=Dataset(configs=({"folder_path": "/x"},)),
                                    network={"linear": 4, "linear_alpha": 4}, schedule=None, train={"steps": 2},
                                    output_dir=tmp_path, resume=False, save_every=10)

@@ -203,9 +203,6 @@ def load_model_for_nodes(model: dict, dtype, encoders=None, device="cpu"):
     spec = model.get("single_file")
     if spec is None and encoders is None:
         return None
-    if encoders is not None and not model["family"].startswith("wan21"):
-        raise ModelError(f"the CLIP/VAE inputs of the Train node are used for Wan 2.1 models; the {model['family']} "
-                         "family encodes with its own text encoder and VAE: disconnect them")
     if spec is not None:
         from .families.single_file import load_single_file
 

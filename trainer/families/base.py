@@ -90,10 +90,20 @@ class ModelFamily:
         """pixels [B, 3, F, H, W] in [-1, 1] -> latents [B, ...] already scaled/normalized for the denoiser."""
         raise NotImplementedError
 
+    @property
+    def external_encoders(self):
+        """Encoders handed in from outside (a trainer.comfy_encoders.ExternalEncoders, e.g. ComfyUI's CLIP and
+        VAE), or None. A family's encode_* use its callables instead of their own encoders when they are set,
+        and must get exactly the tensors their own encoders would give."""
+        return self.loaded.extra.get("external_encoders") if self.loaded is not None else None
+
     def cache_identity(self) -> str:
         """What makes this family's latents what they are, for the disk latent cache key: the VAE's config,
         a fingerprint of its weights (a fine-tuned VAE with the same config must not reuse stale latents),
         and the family's own normalisation (in `extra`)."""
+        external = self.external_encoders
+        if external is not None and external.encode_pixels is not None:
+            return f"{self.name}:{external.identity}"  # no diffusers VAE to fingerprint: the adapter names its own
         vae = self.loaded.vae if self.loaded is not None else None
         if vae is None:
             return self.name
@@ -109,6 +119,9 @@ class ModelFamily:
         self.loaded.vae = None
         self.loaded.text_encoders = []
         self.loaded.tokenizers = []
+        external = self.loaded.extra.pop("external_encoders", None)
+        if external is not None:
+            external.release()
 
     # ---- objective ----
     def sample_timesteps(self, n: int, generator: torch.Generator | None) -> torch.Tensor:

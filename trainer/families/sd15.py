@@ -100,7 +100,7 @@ class SD15(ModelFamily):
     def from_single_file(cls, path: str, dtype: torch.dtype, device: torch.device | str = "cpu",
                          **kwargs) -> "SD15":
         """An original-format (ldm / ComfyUI models/checkpoints) SD 1.5 checkpoint: see
-        trainer/families/single_file.py (load_sd15_checkpoint)."""
+        trainer/families/single_file/sd.py (load_sd15_checkpoint)."""
         from .single_file import load_single_file
 
         return load_single_file(path, dtype, device, family=cls.name, **kwargs)

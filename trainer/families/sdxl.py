@@ -22,7 +22,7 @@ this module adds what SDXL changes:
 - Export: kohya `lora_unet_<diffusers module path, . -> _>`; ComfyUI maps these for SDXL UNets through
   unet_to_diffusers, while PEFT-style `unet.<path>.to_q` names are silently ignored for attention.
 - Single files: `SDXL.from_single_file` (inherited) loads an original-format SDXL base checkpoint
-  (ComfyUI models/checkpoints) through trainer/families/single_file.py (load_sd_checkpoint, configs in
+  (ComfyUI models/checkpoints) through trainer/families/single_file/sd.py (load_sd_checkpoint, configs in
   trainer/configs/sdxl/).
 """
 

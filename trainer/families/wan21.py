@@ -143,22 +143,10 @@ class Wan21(ModelFamily):
         family.temporal_factor = int(vae.config.scale_factor_temporal)
         return family
 
-    def cache_identity(self) -> str:
-        external = self.loaded.extra.get("external_encoders") if self.loaded is not None else None
-        if external is not None:  # no diffusers VAE to fingerprint: the adapter names its VAE
-            return f"{self.name}:{external.identity}"
-        return super().cache_identity()
-
-    def release_encoders(self) -> None:
-        super().release_encoders()
-        external = self.loaded.extra.pop("external_encoders", None)
-        if external is not None:
-            external.release()
-
     @classmethod
     def from_single_file(cls, path: str, dtype: torch.dtype, device: torch.device | str = "cpu",
                          **kwargs) -> "Wan21":
-        """A ComfyUI-format Wan file (models/diffusion_models): see trainer/families/single_file.py."""
+        """A ComfyUI-format Wan file (models/diffusion_models): see trainer/families/single_file/."""
         from .single_file import load_single_file
 
         return load_single_file(path, dtype, device, family=cls.name, **kwargs)
@@ -177,8 +165,8 @@ class Wan21(ModelFamily):
         """UMT5 embeddings exactly as WanPipeline._get_t5_prompt_embeds: [max_sequence_length, d_model] each."""
         from diffusers.pipelines.wan.pipeline_wan import prompt_clean
 
-        external = self.loaded.extra.get("external_encoders")
-        if external is not None and external.encode_prompts is not None:  # e.g. ComfyUI's CLIP (trainer/comfy_encoders.py), same tensors as below
+        external = self.external_encoders
+        if external is not None and external.encode_prompts is not None:  # e.g. ComfyUI's CLIP: the same tensors as below
             return external.encode_prompts([prompt_clean(c) for c in captions], self.max_sequence_length)
         tokenizer = self.loaded.tokenizers[0]
         text_encoder = self.loaded.text_encoders[0]
@@ -206,8 +194,8 @@ class Wan21(ModelFamily):
             raise ValueError(f"wan21: {frames} frames; the frame count must be {self.num_frames_rule()}")
         if height % self.resolution_factor or width % self.resolution_factor:
             raise ValueError(f"wan21: pixel size {height}x{width} is not a multiple of {self.resolution_factor}")
-        external = self.loaded.extra.get("external_encoders")
-        if external is not None and external.encode_pixels is not None:  # e.g. ComfyUI's VAE: raw posterior mean, normalized by the adapter as below
+        external = self.external_encoders
+        if external is not None and external.encode_pixels is not None:  # e.g. ComfyUI's VAE, normalized by the adapter as below
             return external.encode_pixels(pixels).float()
         vae = self.loaded.vae
         latents = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.mode()

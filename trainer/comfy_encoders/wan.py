@@ -1,11 +1,4 @@
-"""Encoders supplied from outside the family (ComfyUI's CLIP and VAE), without importing ComfyUI.
-
-A family normally encodes captions and pixels with the diffusers text encoder and VAE it loaded. When the
-caller already has encoders loaded (a ComfyUI graph holds a CLIP and a VAE for sampling), it hands the family an
-`ExternalEncoders` instead (in ``loaded.extra["external_encoders"]``); the family calls it and must receive
-exactly what its own diffusers pipeline would feed the denoiser. The conversions from ComfyUI's conventions to
-the pipeline's are the pure functions below (tested in CI); `comfy_wan_encoders` wires them to duck-typed
-ComfyUI objects (anything with CLIP's ``tokenize`` / ``encode_from_tokens`` and VAE's ``encode``).
+"""ComfyUI's umt5 CLIP and Wan VAE as a Wan family's encoders.
 
 Wan 2.1 (what WanPipeline does, and how ComfyUI differs):
 - text: diffusers cleans the prompt, tokenizes with truncation to 512 tokens (the last kept token is </s>),
@@ -21,11 +14,11 @@ Wan 2.1 (what WanPipeline does, and how ComfyUI differs):
 
 from __future__ import annotations
 
-import hashlib
-from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
+
+from . import ExternalEncoders, escape_comfy_weights, module_fingerprint
 
 # AutoencoderKLWan's (and ComfyUI's latent_formats.Wan21) per-channel statistics of the Wan 2.1 VAE.
 WAN21_LATENTS_MEAN = (-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
@@ -36,37 +29,7 @@ UMT5_END_TOKEN = 1
 UMT5_PAD_TOKEN = 0
 
 
-@dataclass
-class ExternalEncoders:
-    """What a family needs from outside encoders.
-
-    encode_prompts(captions, max_length) -> one {"encoder_hidden_states": [max_length, d]} per caption (captions
-    already cleaned by the family); encode_pixels(pixels [B, 3, F, H, W] in [-1, 1]) -> the family's latents.
-    `identity` names the encoders for the latent cache key; `release()` drops the references so the caller's
-    encoders can be unloaded once everything is cached."""
-
-    encode_prompts: Callable[[list, int], list] | None
-    encode_pixels: Callable[[torch.Tensor], torch.Tensor] | None
-    identity: str
-    spatial_factor: int = 8
-    temporal_factor: int = 4
-    objects: list = field(default_factory=list)
-    on_release: Callable[[], None] | None = None  # e.g. the node unloading ComfyUI's models from the GPU
-
-    def release(self) -> None:
-        self.encode_prompts = None
-        self.encode_pixels = None
-        self.objects.clear()
-        if self.on_release is not None:
-            self.on_release()
-
-
 # ---------------------------------------------------------------------------------------------- pure conversions
-
-
-def escape_comfy_weights(text: str) -> str:
-    """A caption ComfyUI's tokenizer reads literally: '(' ')' are weight syntax there, '\\' its escape."""
-    return text.replace("\\", "\\\\").replace("(", "\\(").replace(")", "\\)")
 
 
 def truncate_comfy_tokens(tokens: dict, max_length: int, end_token: int = UMT5_END_TOKEN,
@@ -119,28 +82,14 @@ def normalize_wan_latents(raw: torch.Tensor, mean=WAN21_LATENTS_MEAN, std=WAN21_
     return (raw.float() - m) / s
 
 
-# ---------------------------------------------------------------------------------------------- ComfyUI objects
-
-
-def module_fingerprint(*modules) -> str:
-    """A short hash of modules' classes, parameter names, shapes and a sample of values: names the encoders in
-    the latent cache key, so latents cached with one VAE are never reused with another."""
-    h = hashlib.sha256()
-    for module in modules:
-        if module is None:
-            h.update(b"none")
-            continue
-        h.update(type(module).__name__.encode())
-        params = list(module.state_dict().items())
-        for name, value in params[:: max(1, len(params) // 16)]:
-            h.update(f"{name}{tuple(value.shape)}{float(value.detach().double().sum()):.6e}".encode())
-    return h.hexdigest()[:16]
-
-
-def comfy_wan_encoders(clip: Any = None, vae: Any = None, *, identity: str = "") -> ExternalEncoders:
+def comfy_wan_encoders(clip: Any = None, vae: Any = None, *, clip_vision: Any = None,
+                       identity: str = "") -> ExternalEncoders:
     """ExternalEncoders for a Wan 2.1 family from ComfyUI objects: `clip` (comfy.sd.CLIP of a umt5 text
     encoder: .tokenize / .encode_from_tokens) and `vae` (comfy.sd.VAE of the Wan 2.1 VAE: .encode).
-    Either may be None (the family then needs its own encoder for that part)."""
+    Either may be None (the family then needs its own encoder for that part). A text-to-video model has no use
+    for `clip_vision`."""
+    if clip_vision is not None:
+        raise ValueError("a Wan text-to-video model has no image encoder: disconnect the CLIP vision input")
 
     def encode_prompts(captions: list, max_length: int) -> list:
         out = []

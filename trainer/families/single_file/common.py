@@ -1,0 +1,99 @@
+"""What every single-file loader shares: the Variant record, reading a .safetensors header and its tensors
+(never a pickle), and reading a config given by the user."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ...errors import ModelError
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent.parent / "configs"
+# Scaled-fp8 files (ComfyUI's *_fp8_scaled) carry per-tensor scales that a plain cast would ignore.
+SCALED_FP8_MARKERS = ("scale_weight", "scaled_fp8")
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One model architecture we can build from a single file."""
+
+    name: str                     # "wan21_t2v_1.3b"
+    family: str                   # the trainer family that trains it: "wan21"
+    description: str
+    config: dict                  # the diffusers config of the denoiser
+    flow_shift: float | None = None
+    source: str = ""              # where the facts come from
+    extra: dict = field(default_factory=dict)
+
+
+
+# ---------------------------------------------------------------------------------------------- reading files
+
+
+def read_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
+    """{key: shape} from a .safetensors header, without reading any tensor data."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if path.suffix.lower() != ".safetensors":
+        raise ModelError(f"{path}: only .safetensors files are read (never pickled .ckpt/.pt/.bin files); "
+                         "convert it to safetensors first")
+    if not path.is_file():
+        raise ModelError(f"{path}: no such file")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception as e:  # safetensors raises SafetensorError / OSError variants
+        raise ModelError(f"{path}: is a file but not a readable .safetensors file ({_first_line(e)}); model.path "
+                         "takes a diffusers folder (with model_index.json) or a single .safetensors model file") from e
+
+
+
+def _describe_facts(facts: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in facts.items())
+
+
+def load_config_argument(config: str | Path | dict) -> dict:
+    """A diffusers config given as a dict, a config.json, or a folder holding config.json (or transformer/)."""
+    if isinstance(config, dict):
+        return dict(config)
+    path = Path(config).expanduser()
+    candidates = [path] if path.is_file() else [path / "config.json", path / "transformer" / "config.json"]
+    for candidate in candidates:
+        if candidate.is_file():
+            try:
+                doc = json.loads(candidate.read_text(encoding="utf-8"))
+            except (OSError, ValueError) as e:
+                raise ModelError(f"{candidate}: not a readable JSON config ({_first_line(e)})") from e
+            # A shipped variant file wraps the config; a diffusers config.json is the config itself.
+            return dict(doc["config"]) if isinstance(doc.get("config"), dict) else doc
+    raise ModelError(f"{config}: no config.json there; give a diffusers transformer config.json or its folder")
+
+
+
+def _read_tensors(path: Path, names: dict[str, str], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The tensors under their stripped names, each cast to `dtype` as it is read (peak memory: one file)."""
+    from safetensors import safe_open
+
+    markers = [k for k in names if any(m in k for m in SCALED_FP8_MARKERS)]
+    if markers:
+        raise ModelError(f"{path}: is a scaled-fp8 file ({markers[0]}); its per-tensor scales are not applied by "
+                         "the trainer. Use the fp16/bf16 (or plain fp8_e4m3fn) release of this model")
+    out = {}
+    with safe_open(str(path), framework="pt") as f:
+        for name, original in names.items():
+            out[name] = f.get_tensor(original).to(dtype)
+    return out
+
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__
+
+

@@ -1,0 +1,322 @@
+"""Wan single files (models/diffusion_models, models/vae).
+
+A ComfyUI Wan file (e.g. ``wan2.1_t2v_1.3B_fp16.safetensors``) holds one transformer under Wan's original key
+names, optionally prefixed ``model.diffusion_model.``. We:
+
+1. read only the safetensors header (shapes), so a wrong file fails in a second, before gigabytes load;
+2. detect the variant by comparing the shape facts (model width, layer count, ffn width, input channels, text
+   and time embedding widths, the image cross-attention branch) with the shipped configs in
+   ``trainer/configs/*.json`` -- small JSON files with the architecture facts of each released variant, so that
+   nothing is fetched from a hub. A file that matches none raises a ModelError listing what it found and what
+   each known variant has; a non-standard size can still be loaded by giving its diffusers ``config``;
+3. convert the keys with diffusers' own ``convert_wan_transformer_to_diffusers`` and load them strictly into
+   ``WanTransformer3DModel`` (every key must be used and every parameter filled).
+
+A Wan single file has no text encoder and no VAE. They come from a Wan diffusers folder (``encoders_from``:
+only its text_encoder, tokenizer and VAE are read), from a ComfyUI Wan 2.1 VAE file (``vae_file``), or from
+encoders supplied by the caller (``encoders``: see trainer/comfy_encoders/; the ComfyUI nodes pass the
+graph's CLIP and VAE this way).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ...errors import ModelError
+
+from .common import CONFIG_DIR, Variant, _describe_facts, _first_line, _read_tensors, load_config_argument, read_shapes
+
+# ComfyUI saves checkpoints with this prefix; UNETLoader files usually have none.
+WAN_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
+_BLOCK_KEY = re.compile(r"^blocks\.(\d+)\.")
+
+
+
+def known_variants(config_dir: str | Path = CONFIG_DIR) -> list[Variant]:
+    """The shipped variants, sorted by name (one JSON file each)."""
+    out = []
+    for path in sorted(Path(config_dir).glob("*.json")):
+        doc = json.loads(path.read_text(encoding="utf-8"))
+        out.append(Variant(name=doc["name"], family=doc["family"], description=doc["description"],
+                           config=doc["config"], flow_shift=doc.get("flow_shift"), source=doc.get("source", "")))
+    return out
+
+
+
+def strip_wan_prefix(keys) -> tuple[str, dict[str, str]]:
+    """(prefix, {stripped key: original key}) for the prefix the file's Wan keys use ('' for none)."""
+    keys = list(keys)
+    for prefix in WAN_PREFIXES:
+        if f"{prefix}patch_embedding.weight" in keys:
+            return prefix, {k[len(prefix):]: k for k in keys if k.startswith(prefix)}
+    return "", {k: k for k in keys}
+
+
+# ---------------------------------------------------------------------------------------------- Wan variants
+
+
+def wan_facts_from_shapes(shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]:
+    """The architecture facts a Wan transformer's weights show (keys without prefix, Wan's native names)."""
+    def shape(key):
+        return shapes.get(key)
+
+    patch = shape("patch_embedding.weight")  # [dim, in_channels, pt, ph, pw]
+    layers = {int(m.group(1)) for k in shapes if (m := _BLOCK_KEY.match(k))}
+    head = shape("head.head.weight")  # [out_channels * prod(patch), dim]
+    facts: dict[str, Any] = {
+        "dim": patch[0] if patch else None,
+        "in_channels": patch[1] if patch else None,
+        "patch_size": list(patch[2:]) if patch else None,
+        "num_layers": (max(layers) + 1) if layers else 0,
+        "ffn_dim": (shape("blocks.0.ffn.0.weight") or (None,))[0],
+        "text_dim": (shape("text_embedding.0.weight") or (None, None))[1],
+        "freq_dim": (shape("time_embedding.0.weight") or (None, None))[1],
+        "out_channels": None,
+        "image_dim": (shape("img_emb.proj.1.weight") or (None, None))[1],
+        "added_kv_proj_dim": (shape("blocks.0.cross_attn.k_img.weight") or (None, None))[1],
+        "qk_norm": shape("blocks.0.self_attn.norm_q.weight") is not None,
+        "cross_attn_norm": shape("blocks.0.norm3.weight") is not None,
+    }
+    if head and patch:
+        cells = 1
+        for p in patch[2:]:
+            cells *= p
+        facts["out_channels"] = head[0] // cells
+    return facts
+
+
+def wan_facts_from_config(config: dict) -> dict[str, Any]:
+    """The same facts as `wan_facts_from_shapes`, as a diffusers WanTransformer3DModel config implies them."""
+    return {
+        "dim": config["num_attention_heads"] * config["attention_head_dim"],
+        "in_channels": config["in_channels"],
+        "patch_size": list(config["patch_size"]),
+        "num_layers": config["num_layers"],
+        "ffn_dim": config["ffn_dim"],
+        "text_dim": config["text_dim"],
+        "freq_dim": config["freq_dim"],
+        "out_channels": config.get("out_channels") or config["in_channels"],
+        "image_dim": config.get("image_dim"),
+        "added_kv_proj_dim": config.get("added_kv_proj_dim"),
+        "qk_norm": bool(config.get("qk_norm")),
+        "cross_attn_norm": bool(config.get("cross_attn_norm")),
+    }
+
+
+def _unsupported_wan(shapes: dict, path) -> str | None:
+    if any(k.startswith("vace_blocks.") for k in shapes):
+        return "a Wan VACE model (vace_blocks.*), which the trainer does not train"
+    if any(k.startswith(("motion_encoder.", "face_adapter.")) for k in shapes):
+        return "a Wan Animate model, which the trainer does not train"
+    if "img_emb.emb_pos" in shapes:
+        return "a Wan first-last-frame (FLF2V) model, which the trainer does not train"
+    return None
+
+
+
+def is_wan_file(shapes: dict) -> bool:
+    names = strip_wan_prefix(shapes)[1]
+    return "patch_embedding.weight" in names and "head.head.weight" in names
+
+
+def detect_wan(path: str | Path, config: str | Path | dict | None = None,
+               shapes: dict | None = None) -> Variant:
+    """The variant of a Wan diffusion-model file, from its shapes.
+
+    With `config` (a diffusers transformer config), the file must match that config instead of a shipped one:
+    for fine-tunes of non-standard size. ModelError naming the file and listing the facts found otherwise."""
+    shapes = read_shapes(path) if shapes is None else shapes
+    prefix, names = strip_wan_prefix(shapes)
+    plain = {k: shapes[orig] for k, orig in names.items()}
+    if "patch_embedding.weight" not in plain or "head.head.weight" not in plain:
+        raise ModelError(f"{path}: not a Wan diffusion model file (no patch_embedding.weight / head.head.weight "
+                         f"among its {len(shapes)} tensors, e.g. {', '.join(sorted(shapes)[:4])}) nor a full SD 1.5 "
+                         "checkpoint (model.diffusion_model.* with first_stage_model.* and cond_stage_model.*) or SDXL "
+                         "checkpoint (with conditioner.embedders.*); pick a file from models/diffusion_models such as "
+                         "wan2.1_t2v_1.3B_fp16.safetensors, or an SD 1.5 / SDXL checkpoint from models/checkpoints")
+    unsupported = _unsupported_wan(plain, path)
+    if unsupported:
+        raise ModelError(f"{path}: is {unsupported}")
+    facts = wan_facts_from_shapes(plain)
+    if config is not None:
+        cfg = load_config_argument(config)
+        expected = wan_facts_from_config(cfg)
+        diffs = [f"{k}: file {facts[k]} vs config {expected[k]}" for k in facts if facts[k] != expected[k]]
+        if diffs:
+            raise ModelError(f"{path}: does not match the given config {config if not isinstance(config, dict) else ''}"
+                             f"({'; '.join(diffs)})")
+        family = "wan21_i2v" if cfg.get("image_dim") is not None or facts["in_channels"] != facts["out_channels"] \
+            else "wan21"
+        return Variant(name="custom", family=family, description=f"a Wan 2.1 transformer of the given config "
+                       f"({_describe_facts(facts)})", config=cfg, source=str(config if not isinstance(config, dict)
+                                                                               else "given config"))
+    candidates = known_variants()
+    for variant in candidates:
+        if wan_facts_from_config(variant.config) == facts:
+            return variant
+    listing = "; ".join(f"{v.name}: {_describe_facts(wan_facts_from_config(v.config))}" for v in candidates)
+    raise ModelError(
+        f"{path}: a Wan transformer that matches no known variant. Found: {_describe_facts(facts)}. Known: "
+        f"{listing}. (A Wan 2.2 TI2V-5B file has dim 3072 and in_channels 48, which the single-file loader does "
+        "not build yet.) For a fine-tune of another size, give its diffusers config (config.json) as `config`."
+    )
+
+
+
+def load_wan_transformer(path: str | Path, variant: Variant, dtype: torch.dtype,
+                         device: torch.device | str = "cpu"):
+    """WanTransformer3DModel with the file's weights, converted by diffusers' convert_wan_transformer_to_diffusers.
+
+    Strict: a key the model does not have, or a parameter the file does not fill, is a ModelError."""
+    from accelerate import init_empty_weights
+    from diffusers import WanTransformer3DModel
+    from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
+
+    path = Path(path)
+    _, names = strip_wan_prefix(read_shapes(path))
+    state = convert_wan_transformer_to_diffusers(_read_tensors(path, names, dtype))
+    config = {k: v for k, v in variant.config.items() if not k.startswith("_")}
+    with init_empty_weights():
+        model = WanTransformer3DModel.from_config(config)
+    expected = set(model.state_dict())
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    if missing or unexpected:
+        raise ModelError(f"{path}: its weights do not fill a {variant.description} transformer: "
+                         f"{len(missing)} missing (e.g. {missing[:3]}), {len(unexpected)} unexpected "
+                         f"(e.g. {unexpected[:3]})")
+    wrong = [(k, tuple(state[k].shape), tuple(v.shape)) for k, v in model.state_dict().items()
+             if tuple(state[k].shape) != tuple(v.shape)]
+    if wrong:
+        raise ModelError(f"{path}: tensor shapes differ from the {variant.name} config, e.g. "
+                         f"{wrong[0][0]}: file {wrong[0][1]} vs model {wrong[0][2]}")
+    model.load_state_dict(state, strict=True, assign=True)
+    model.to(device=device, dtype=dtype)
+    model.requires_grad_(False)
+    model.eval()
+    return model
+
+
+def load_wan_vae_file(path: str | Path, device: torch.device | str = "cpu"):
+    """AutoencoderKLWan (float32) from a ComfyUI Wan 2.1 VAE file (e.g. wan_2.1_vae.safetensors), converted by
+    diffusers' convert_wan_vae_to_diffusers. The base width is read from the file, as ComfyUI does; the rest is
+    the Wan 2.1 VAE (AutoencoderKLWan's defaults: z_dim 16, dim_mult 1,2,4,4, 2 res blocks, its latent stats)."""
+    from accelerate import init_empty_weights
+    from diffusers import AutoencoderKLWan
+    from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
+
+    path = Path(path)
+    shapes = read_shapes(path)
+    if "decoder.middle.0.residual.0.gamma" not in shapes or "decoder.head.0.gamma" not in shapes:
+        raise ModelError(f"{path}: not a Wan VAE file (no decoder.middle.0.residual.0.gamma); pick the Wan 2.1 VAE "
+                         "from models/vae, e.g. wan_2.1_vae.safetensors")
+    if "decoder.upsamples.0.upsamples.0.residual.2.weight" in shapes:
+        raise ModelError(f"{path}: is the Wan 2.2 VAE (48 latent channels); Wan 2.1 models need the Wan 2.1 VAE")
+    base_dim = shapes["decoder.head.0.gamma"][0]
+    state = convert_wan_vae_to_diffusers(_read_tensors(path, {k: k for k in shapes}, torch.float32))
+    with init_empty_weights():
+        vae = AutoencoderKLWan(base_dim=base_dim)
+    expected = set(vae.state_dict())
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    if missing or unexpected:
+        raise ModelError(f"{path}: its weights do not fill a Wan 2.1 VAE of base width {base_dim}: "
+                         f"{len(missing)} missing (e.g. {missing[:3]}), {len(unexpected)} unexpected "
+                         f"(e.g. {unexpected[:3]})")
+    vae.load_state_dict(state, strict=True, assign=True)
+    vae.to(device)  # float32 already: read as such
+    vae.requires_grad_(False)
+    vae.eval()
+    return vae
+
+
+
+def load_wan_file(path: str | Path, dtype: torch.dtype, device: torch.device | str = "cpu", *,
+                  config: str | Path | dict | None = None, encoders_from: str | Path | None = None,
+                  vae_file: str | Path | None = None, encoders=None, family: str | None = None,
+                  max_sequence_length: int | None = None):
+    """A loaded Wan family from a Wan diffusion-model file.
+
+    Text encoding and VAE: `encoders` (a trainer.comfy_encoders.ExternalEncoders) wins; otherwise the text
+    encoder and tokenizer come from the Wan diffusers folder `encoders_from`, the VAE from `vae_file` or that
+    folder. `family`, when given, must be the detected variant's family."""
+    from ..base import LoadedModel
+    from ..wan21 import DEFAULT_FLOW_SHIFT, DEFAULT_MAX_SEQUENCE_LENGTH
+    from .. import get_family
+
+    path = Path(path).expanduser()
+    variant = detect_wan(path, config=config)
+    if family is not None and family != variant.family:
+        raise ModelError(f"{path}: is {variant.description}, trained by model.family '{variant.family}', "
+                         f"not '{family}'")
+    family_cls = get_family(variant.family)
+    needs_text = encoders is None or encoders.encode_prompts is None
+    needs_vae = encoders is None or encoders.encode_pixels is None
+    if (needs_text or (needs_vae and vae_file is None)) and encoders_from is None:
+        missing = [n for n, need in (("text encoder", needs_text), ("VAE", needs_vae and vae_file is None)) if need]
+        raise ModelError(f"{path}: a Wan diffusion-model file holds only the transformer; the {' and '.join(missing)} "
+                         "must come from elsewhere: connect ComfyUI's CLIP (umt5) and VAE (Wan 2.1) to the Train "
+                         "node, or give a Wan diffusers folder as encoders_from")
+    if variant.family == "wan21_i2v" and encoders_from is None:
+        raise ModelError(f"{path}: is {variant.description}; its CLIP image encoder is read from a Wan I2V "
+                         "diffusers folder (encoders_from); ComfyUI's CLIP vision input is not supported yet")
+    length = max_sequence_length or DEFAULT_MAX_SEQUENCE_LENGTH
+    transformer = load_wan_transformer(path, variant, dtype, device)
+
+    vae, text_encoders, tokenizers = None, [], []
+    flow_shift = variant.flow_shift if variant.flow_shift is not None else DEFAULT_FLOW_SHIFT
+    if encoders_from is not None:
+        from diffusers import AutoencoderKLWan
+        from transformers import AutoTokenizer, UMT5EncoderModel
+
+        from ..wan21_i2v import read_wan_folder, scheduler_shift
+
+        folder = str(Path(encoders_from).expanduser())
+        configs = read_wan_folder(folder, variant.family)  # ModelError naming the folder if it is another Wan
+        if configs["text"].get("d_model") != transformer.config.text_dim:
+            raise ModelError(f"{folder}: text_encoder d_model {configs['text'].get('d_model')} != the file's "
+                             f"text_dim {transformer.config.text_dim}")
+        try:
+            if needs_text:
+                text_encoders = [UMT5EncoderModel.from_pretrained(folder, subfolder="text_encoder",
+                                                                  torch_dtype=dtype)]
+                tokenizers = [AutoTokenizer.from_pretrained(folder, subfolder="tokenizer")]
+            if needs_vae and vae_file is None:
+                # float32, as Wan21.load: it runs once per item before the latents are cached
+                vae = AutoencoderKLWan.from_pretrained(folder, subfolder="vae", torch_dtype=torch.float32)
+        except (OSError, ValueError) as e:
+            raise ModelError(f"{folder}: cannot load the Wan text encoder / VAE: {e}") from e
+        for module in text_encoders + ([vae] if vae is not None else []):
+            module.requires_grad_(False)
+            module.eval()
+            module.to(device)
+        shift = scheduler_shift(configs["scheduler"])
+        flow_shift = shift if shift is not None else flow_shift
+    if needs_vae and vae_file is not None:
+        vae = load_wan_vae_file(vae_file, device)
+
+    extra = {"flow_shift": float(flow_shift), "max_sequence_length": length, "dtype": dtype, "path": str(path),
+             "variant": variant.name}
+    if encoders is not None:
+        extra["external_encoders"] = encoders
+    loaded = LoadedModel(denoiser=transformer, vae=vae, text_encoders=text_encoders, tokenizers=tokenizers,
+                         extra=extra)
+    model = family_cls(loaded)
+    scale_spatial = int(vae.config.scale_factor_spatial) if vae is not None else 8
+    scale_temporal = int(vae.config.scale_factor_temporal) if vae is not None else 4
+    if encoders is not None and encoders.encode_pixels is not None:
+        scale_spatial = int(getattr(encoders, "spatial_factor", scale_spatial))
+        scale_temporal = int(getattr(encoders, "temporal_factor", scale_temporal))
+    model.resolution_factor = scale_spatial * int(transformer.config.patch_size[1])
+    model.temporal_factor = scale_temporal
+    if variant.family == "wan21_i2v":
+        from ..wan21_i2v import load_image_encoder
+
+        load_image_encoder(str(Path(encoders_from).expanduser()), model)
+    return model
+
+
