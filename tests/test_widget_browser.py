@@ -580,6 +580,26 @@ def test_extension_routes_live_messages_by_node_id_and_stores_bounded(ext_page):
     assert ext_page.evaluate("() => [a.phaseTrainerPlot.plot.length, b.phaseTrainerPlot.plot.length]") == [0, 10]
 
 
+def test_extension_routes_live_messages_into_subgraphs_by_execution_id(ext_page):
+    # Node 3 inside the subgraph of node 5 is "5:3" on the wire; a root-level node 3 must not get its rows.
+    rows = synthetic_payload(n=20)["rows"]
+    ext_page.evaluate("""() => {
+        window.inner = harness.create('PhaseTrainerTrain', 3);
+        window.root3 = harness.create('PhaseTrainerTrain', 3);
+        const byId = (nodes) => ({getNodeById: (id) => nodes[String(id)] ?? null});
+        const sub = {id: 5, subgraph: byId({3: inner})};
+        harness.app.rootGraph = byId({3: root3, 5: sub});
+    }""")
+    msg = {"node": "5:3", "reset": True, "columns": COLUMNS, "rows": rows, "phases": PHASES, "events": [],
+           "done": False}
+    ev(ext_page, "(m) => harness.send(m)", msg)
+    assert ext_page.evaluate("() => [inner.phaseTrainerPlot.plot.length, root3.phaseTrainerPlot.plot.length]") == [20, 0]
+    ev(ext_page, "(m) => harness.send(m)", dict(msg, node="3", rows=rows[:7]))
+    assert ext_page.evaluate("() => [inner.phaseTrainerPlot.plot.length, root3.phaseTrainerPlot.plot.length]") == [20, 7]
+    ev(ext_page, "(m) => harness.send(m)", dict(msg, node="9:3", rows=rows[:4]))  # no such path: nobody
+    assert ext_page.evaluate("() => [inner.phaseTrainerPlot.plot.length, root3.phaseTrainerPlot.plot.length]") == [20, 7]
+
+
 def test_extension_restores_after_reload_and_resizes(ext_page):
     t = theme_from_ext(ext_page)
     payload = synthetic_payload()

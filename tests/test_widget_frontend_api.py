@@ -109,6 +109,9 @@ FRONTEND_API = {
     "node.onConfigure after properties are restored":
         r"this\.properties\[\w+\]=\w+\.properties\[\w+\].{0,4000}this\.onConfigure\?\.\(",
     "node.onRemoved when a node leaves the graph": r"\.onRemoved\?\.\(\)",
+    "app.rootGraph (the graph execution ids start from)": r"get rootGraph\(\)\{return this\.rootGraph",
+    "graph.getNodeById": r"getNodeById\(\w+\)\{",
+    "a subgraph node's .subgraph holds its inner graph": r"\.subgraph\.getNodeById\(|\w\.subgraph,\w\.slice\(",
     "api is an EventTarget": r"class ComfyApi extends EventTarget|ComfyApi=class extends EventTarget",
     "api.addEventListener registers a custom message type":
         r"addEventListener\((\w+),\w+,\w+\)\{super\.addEventListener\(.{0,60}?\),this\.(?:#\w+|_registered)\.add\(\1\)",
@@ -128,7 +131,8 @@ def test_extension_uses_those_apis():
     source = EXTENSION.read_text()
     for needle in ["app.registerExtension(", "api.addEventListener(LIVE_EVENT", "node.addDOMWidget(", "getMinHeight:",
                    "serialize: false", "setup()", "beforeRegisterNodeDef(", '"onExecuted"', '"onConfigure"',
-                   '"onRemoved"', '"onNodeCreated"', "new ResizeObserver("]:
+                   '"onRemoved"', '"onNodeCreated"', "new ResizeObserver(", "app.rootGraph", "getNodeById(",
+                   "node.subgraph"]:
         assert needle in source, needle
     assert re.search(r'const LIVE_EVENT = "phase_trainer\.metrics"', source)
     assert re.search(r'new Set\(\["PhaseTrainerTrain", "PhaseTrainerPlotMetrics"\]\)', source)

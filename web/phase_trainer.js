@@ -100,14 +100,30 @@ function chain(object, method, after) {
   };
 }
 
+// The server names a node inside a subgraph by its execution id, the path of node ids from the root graph
+// ("5:3": node 3 in the subgraph of node 5), while the node object only knows its own id (3). Walk the path
+// through each subgraph node's `subgraph`; null when the graph cannot be walked (then ids are compared).
+function nodeForExecutionId(executionId) {
+  let graph = app.rootGraph ?? app.graph;
+  let node = null;
+  for (const id of executionId.split(":")) {
+    if (!graph?.getNodeById) return null;
+    node = graph.getNodeById(id) ?? graph.getNodeById(Number(id));
+    if (!node) return null;
+    graph = node.subgraph;
+  }
+  return node;
+}
+
 app.registerExtension({
   name: "PhaseTrainer.MetricsPlot",
 
   setup() {
     api.addEventListener(LIVE_EVENT, ({ detail }) => {
       if (!detail || detail.node === undefined || detail.node === null) return;
+      const target = nodeForExecutionId(String(detail.node));
       for (const p of plots) {
-        if (String(p.node.id) === String(detail.node)) p.onLive(detail);
+        if (target ? p.node === target : String(p.node.id) === String(detail.node)) p.onLive(detail);
       }
     });
   },
