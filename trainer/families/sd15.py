@@ -13,6 +13,8 @@
   (kohya's LoCon also gives the resnet's 1x1 shortcut and time-embedding Linear the linear rank; we keep the
   linear group identical whether or not conv LoRA is on, so a conv rank never changes the linear layers.)
 - Export: `lora_unet_<diffusers module path with . -> _>` (kohya), which ComfyUI maps for SD 1.5 UNets.
+- ComfyUI's CLIP / VAE (the Train node's inputs) replace the text encoder / VAE through `external_encoders`
+  (trainer/comfy_encoders/sd.py gives the same tensors as encode_prompts / encode_pixels below).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from .base import LoadedModel, ModelFamily, NoisyBatch, TargetModule, module_gro
 from .pipeline_folder import denoiser_device, read_component_config, read_model_index, require_components, require_pipeline
 
 COMPONENTS = ["unet", "vae", "text_encoder", "tokenizer", "scheduler"]
+CLIP_MAX_LENGTH = 77  # the pipelines' tokenizer model_max_length = CLIP's positions
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 
@@ -117,6 +120,9 @@ class SD15(ModelFamily):
     @torch.no_grad()
     def encode_prompts(self, captions: list[str]) -> list[dict[str, torch.Tensor]]:
         """CLIP's last hidden state over max_length padding, as StableDiffusionPipeline encodes prompts."""
+        external = self.external_encoders
+        if external is not None and external.encode_prompts is not None:  # e.g. ComfyUI's CLIP: the same tensors as below
+            return external.encode_prompts(list(captions), CLIP_MAX_LENGTH)
         tokenizer = self.loaded.tokenizers[0]
         text_encoder = self.loaded.text_encoders[0]
         max_length = min(tokenizer.model_max_length, text_encoder.config.max_position_embeddings)
@@ -132,6 +138,9 @@ class SD15(ModelFamily):
     def encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
         """[B, 3, 1, H, W] in [-1, 1] -> [B, 4, H/8, W/8] float32, posterior mean x scaling_factor."""
         self.check_still_pixels(pixels)
+        external = self.external_encoders
+        if external is not None and external.encode_pixels is not None:  # e.g. ComfyUI's VAE, scaled by the adapter as below
+            return external.encode_pixels(pixels).float()
         vae = self.loaded.vae
         images = pixels[:, :, 0].to(vae.device, vae.dtype)
         latents = vae.encode(images).latent_dist.mode()

@@ -24,6 +24,8 @@ this module adds what SDXL changes:
 - Single files: `SDXL.from_single_file` (inherited) loads an original-format SDXL base checkpoint
   (ComfyUI models/checkpoints) through trainer/families/single_file/sd.py (load_sd_checkpoint, configs in
   trainer/configs/sdxl/).
+- ComfyUI's CLIP / VAE (the Train node's inputs) replace the text encoders / VAE through `external_encoders`
+  (trainer/comfy_encoders/sd.py gives the same tensors as above); the checkpoint's own are then not loaded.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ import torch
 from ..errors import ModelError
 from .base import LoadedModel
 from .pipeline_folder import denoiser_device, read_component_config, read_model_index, require_components, require_pipeline
-from .sd15 import SD15, freeze_on, prediction_type_problems, unet_in_channels_problems
+from .sd15 import CLIP_MAX_LENGTH, SD15, freeze_on, prediction_type_problems, unet_in_channels_problems
 
 COMPONENTS = ["unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler"]
 # original_size (h, w) + crop top-left (y, x) + target_size (h, w): six numbers, each embedded separately.
@@ -128,6 +130,9 @@ class SDXL(SD15):
     def encode_prompts(self, captions: list[str]) -> list[dict[str, torch.Tensor]]:
         """StableDiffusionXLPipeline.encode_prompt: penultimate hidden states of both encoders concatenated
         ([77, h1 + h2]) and encoder 2's projected pooled output ([projection_dim])."""
+        external = self.external_encoders
+        if external is not None and external.encode_prompts is not None:  # e.g. ComfyUI's CLIP: the same tensors as below
+            return external.encode_prompts(list(captions), CLIP_MAX_LENGTH)
         hidden_states, pooled = [], None
         for tokenizer, text_encoder in zip(self.loaded.tokenizers, self.loaded.text_encoders):
             # the pipeline pads to model_max_length; min() only guards a tokenizer that claims more than CLIP has
@@ -147,6 +152,9 @@ class SDXL(SD15):
     def encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
         """[B, 3, 1, H, W] in [-1, 1] -> [B, 4, H/8, W/8] float32 latents, normalized as the pipeline decodes."""
         self.check_still_pixels(pixels)
+        external = self.external_encoders
+        if external is not None and external.encode_pixels is not None:  # e.g. ComfyUI's VAE, scaled by the adapter as below
+            return external.encode_pixels(pixels).float()
         vae = self.loaded.vae
         latents = vae.encode(pixels[:, :, 0].to(vae.device, vae.dtype)).latent_dist.mode()
         config = vae.config

@@ -231,11 +231,13 @@ def convert_sd15_checkpoint(state: dict, configs: dict[str, dict]) -> dict[str, 
     return convert_sd_checkpoint(state, configs)
 
 
-def convert_sd_checkpoint(state: dict, configs: dict[str, dict], text_encoder_2=None) -> dict[str, dict]:
+def convert_sd_checkpoint(state: dict, configs: dict[str, dict], text_encoder_2=None,
+                          parts: tuple[str, ...] | None = None) -> dict[str, dict]:
     """{"unet", "vae", "text_encoder"[, "text_encoder_2"]: diffusers state dict} from an ldm state dict, by
     diffusers' conversions; SDXL's OpenCLIP tower (configs has text_encoder_2) needs its model `text_encoder_2`
-    (a meta one will do) for convert_open_clip_checkpoint. Works on meta tensors too (only renames, reshapes and
-    splits), which is how the shapes are checked before loading."""
+    (a meta one will do) for convert_open_clip_checkpoint. `parts`: only these components (the others' tensors
+    need not be in `state`). Works on meta tensors too (only renames, reshapes and splits), which is how the
+    shapes are checked before loading."""
     from diffusers.loaders.single_file_utils import (
         convert_ldm_clip_checkpoint,
         convert_ldm_unet_checkpoint,
@@ -243,20 +245,23 @@ def convert_sd_checkpoint(state: dict, configs: dict[str, dict], text_encoder_2=
         convert_open_clip_checkpoint,
     )
 
-    clip = LDM_XL_CLIP_L if "text_encoder_2" in configs else LDM_CLIP
-    text = convert_ldm_clip_checkpoint({k: v for k, v in state.items() if k.startswith(clip)})
-    # transformers >= 5.6 flattened CLIPTextModel (no text_model. wrapper), as diffusers' own loader handles it;
-    # position_ids is a non-persistent buffer there (old checkpoints carry it, sometimes with float drift).
-    text = {k.removeprefix("text_model."): v for k, v in text.items()}
-    text.pop("embeddings.position_ids", None)
-    out = {
-        "unet": convert_ldm_unet_checkpoint({k: v for k, v in state.items() if k.startswith(LDM_UNET)},
-                                            configs["unet"]),
-        "vae": convert_ldm_vae_checkpoint({k: v for k, v in state.items() if k.startswith(LDM_VAE)},
-                                          configs["vae"]),
-        "text_encoder": text,
-    }
-    if "text_encoder_2" in configs:
+    parts = tuple(configs) if parts is None else parts
+    out = {}
+    if "text_encoder" in parts:
+        clip = LDM_XL_CLIP_L if "text_encoder_2" in configs else LDM_CLIP
+        text = convert_ldm_clip_checkpoint({k: v for k, v in state.items() if k.startswith(clip)})
+        # transformers >= 5.6 flattened CLIPTextModel (no text_model. wrapper), as diffusers' own loader handles
+        # it; position_ids is a non-persistent buffer there (old checkpoints carry it, sometimes with float drift).
+        text = {k.removeprefix("text_model."): v for k, v in text.items()}
+        text.pop("embeddings.position_ids", None)
+        out["text_encoder"] = text
+    if "unet" in parts:
+        out["unet"] = convert_ldm_unet_checkpoint({k: v for k, v in state.items() if k.startswith(LDM_UNET)},
+                                                  configs["unet"])
+    if "vae" in parts:
+        out["vae"] = convert_ldm_vae_checkpoint({k: v for k, v in state.items() if k.startswith(LDM_VAE)},
+                                                configs["vae"])
+    if "text_encoder_2" in configs and "text_encoder_2" in parts:
         # CLIPTextModelWithProjection keeps its text_model. wrapper, the names this conversion gives
         out["text_encoder_2"] = convert_open_clip_checkpoint(
             text_encoder_2, {k: v for k, v in state.items() if k.startswith(LDM_XL_CLIP_G)}, prefix=LDM_XL_CLIP_G)
@@ -391,7 +396,9 @@ def load_sd_checkpoint(path: str | Path, dtype: torch.dtype, device: torch.devic
                        variant: Variant | None = None, encoders=None):
     """An SD15 or SDXL family from an original-format checkpoint (see the section comment above). The UNet and
     the text encoders in `dtype`, the VAE in float32 (as the families' load); every tensor must fill its model
-    exactly."""
+    exactly. `encoders` (trainer.comfy_encoders.ExternalEncoders, e.g. ComfyUI's CLIP and VAE): the parts it
+    encodes (prompts: the text towers and tokenizers; pixels: the VAE, also over `vae_file`) are not read from
+    the file at all, so they cost no memory twice."""
     from diffusers import DDPMScheduler
     from transformers import AutoTokenizer
 
@@ -401,40 +408,48 @@ def load_sd_checkpoint(path: str | Path, dtype: torch.dtype, device: torch.devic
 
     path = Path(path).expanduser()
     variant = variant or detect_sd(path, config=config)
-    tokenizer_dir = find_clip_tokenizer(encoders_from, tokenizer_from, path)  # before reading gigabytes
+    own_text = encoders is None or encoders.encode_prompts is None
+    own_vae = encoders is None or encoders.encode_pixels is None
+    # before reading gigabytes
+    tokenizer_dir = find_clip_tokenizer(encoders_from, tokenizer_from, path) if own_text else None
     configs, family = variant.config, variant.family
     label = SD_FAMILIES[family][2]
+    text_names = [n for n in ("text_encoder", "text_encoder_2") if n in configs]
+    parts = ["unet"] + (text_names if own_text else []) + (["vae"] if own_vae and vae_file is None else [])
     shapes = read_shapes(path)
-    tensors = _read_tensors(path, {k: k for k in shapes if k.startswith((LDM_UNET, *SD_TEXT_PREFIXES[family]))},
-                            dtype)
-    if vae_file is None:  # the VAE in float32 whatever `dtype`: SD's VAE overflows in fp16 (NaN latents)
+    tensors = _read_tensors(path, {k: k for k in shapes if k.startswith(
+        (LDM_UNET, *(SD_TEXT_PREFIXES[family] if own_text else ())))}, dtype)
+    if "vae" in parts:  # the VAE in float32 whatever `dtype`: SD's VAE overflows in fp16 (NaN latents)
         tensors.update(_read_tensors(path, {k: k for k in shapes if k.startswith(LDM_VAE)}, torch.float32))
     models = _sd_meta_model_dict(configs)
-    converted = convert_sd_checkpoint(tensors, configs, models.get("text_encoder_2"))
+    converted = convert_sd_checkpoint(tensors, configs, models.get("text_encoder_2"), parts=tuple(parts))
     del tensors
-    if vae_file is not None:
-        del models["vae"]
+    models = {k: models[k] for k in parts}
     problems = _fit_problems({k: converted[k] for k in models}, models)
     if problems:
         raise ModelError(f"{path}: its weights do not fill the {label} models: " + "; ".join(problems))
     for name, model in models.items():
         model.load_state_dict(converted[name], strict=True, assign=True)
-    vae = load_sd15_vae_file(vae_file, configs["vae"]) if vae_file is not None else models["vae"]
+    vae = None
+    if own_vae:
+        vae = load_sd15_vae_file(vae_file, configs["vae"]) if vae_file is not None else models["vae"]
     # The weights were read in their dtypes (UNet, text encoders: `dtype`; VAE: float32) and assigned as they are.
-    texts = [models["text_encoder"]] + ([models["text_encoder_2"]] if "text_encoder_2" in models else [])
-    try:
-        tokenizers = [AutoTokenizer.from_pretrained(str(tokenizer_dir))]
-        if len(texts) == 2:
-            tokenizers.append(_sdxl_tokenizer_2(tokenizer_dir))
-    except (OSError, ValueError) as e:
-        raise ModelError(f"{tokenizer_dir}: cannot load the CLIP tokenizer: {_first_line(e)}") from e
+    texts = [models[n] for n in text_names] if own_text else []
+    tokenizers = []
+    if own_text:
+        try:
+            tokenizers = [AutoTokenizer.from_pretrained(str(tokenizer_dir))]
+            if len(texts) == 2:
+                tokenizers.append(_sdxl_tokenizer_2(tokenizer_dir))
+        except (OSError, ValueError) as e:
+            raise ModelError(f"{tokenizer_dir}: cannot load the CLIP tokenizer: {_first_line(e)}") from e
     for tokenizer, text in zip(tokenizers, texts):
         if len(tokenizer) > text.config.vocab_size:
             raise ModelError(f"{tokenizer_dir}: a tokenizer of {len(tokenizer)} tokens for a text encoder of "
                              f"{text.config.vocab_size}; it belongs to another model")
     scheduler = DDPMScheduler.from_config(configs["scheduler"])  # DDPM training noise with the config's betas
-    freeze_on(device, models["unet"], vae, *texts)
-    vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
+    freeze_on(device, models["unet"], *([vae] if vae is not None else []), *texts)
+    vae_scale = 2 ** (len(configs["vae"]["block_out_channels"]) - 1)
     loaded = LoadedModel(denoiser=models["unet"], vae=vae, text_encoders=texts, tokenizers=tokenizers, extra={
         "scheduler": scheduler, "prediction_type": scheduler.config.prediction_type, "dtype": dtype,
         "path": str(path), "variant": variant.name, "vae_scale_factor": vae_scale})
