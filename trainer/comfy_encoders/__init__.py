@@ -67,6 +67,7 @@ def module_fingerprint(*modules) -> str:
 # family -> (module, builder): each builder takes (clip, vae, clip_vision) as ComfyUI hands them over.
 ADAPTERS = {
     "wan21": ("wan", "comfy_wan_encoders"),
+    "flux": ("flux", "comfy_flux_encoders"),
     "sd15": ("sd", "comfy_sd15_encoders"),
     "sdxl": ("sd", "comfy_sdxl_encoders"),
 }

@@ -14,6 +14,9 @@
     * otherwise (FLUX.1-schnell): the static shift, sigma = shift u / (1 + (shift - 1) u) (shift 1.0: sigma = u).
 - Guidance (dev, guidance_embeds=True): the guidance embedding gets `guidance_scale`, 1.0 by default (common
   practice for LoRA training on dev; `load(..., guidance_scale=)` changes it). schnell has no guidance input.
+- Single files (ComfyUI's flux1-dev / flux1-schnell): `from_single_file`, see single_file/flux.py. Encoders
+  handed in from outside (`self.external_encoders`, e.g. ComfyUI's CLIP and VAE through
+  trainer/comfy_encoders/flux.py) replace the CLIP/T5 and VAE below and must give the same tensors.
 - Text: exactly FluxPipeline.encode_prompt: CLIP's pooler_output over 77-token max_length padding
   (`pooled_projections`), and T5's last hidden state over max_sequence_length padding with no attention mask
   (`encoder_hidden_states`); 512 = the pipeline's default (`load(..., max_sequence_length=)` lowers it, e.g. to
@@ -166,13 +169,7 @@ class Flux(ModelFamily):
             module.requires_grad_(False)
             module.eval()
             module.to(device)
-        shift = {key: float(scheduler_config.get(key) if scheduler_config.get(key) is not None else default)
-                 for key, default in SHIFT_DEFAULTS.items()}
-        shift.update(
-            dynamic=bool(scheduler_config.get("use_dynamic_shifting", False)),
-            time_shift_type=scheduler_config.get("time_shift_type", "exponential"),
-            shift=float(scheduler_config.get("shift", 1.0)),
-        )
+        shift = shift_settings(scheduler_config)
         loaded = LoadedModel(
             denoiser=transformer, vae=vae, text_encoders=[text_encoder, text_encoder_2],
             tokenizers=[tokenizer, tokenizer_2],
@@ -187,6 +184,13 @@ class Flux(ModelFamily):
         family = cls(loaded)
         family.resolution_factor = 2 ** (len(vae.config.block_out_channels) - 1) * 2
         return family
+
+    @classmethod
+    def from_single_file(cls, path: str, dtype: torch.dtype, device: torch.device | str = "cpu", **kwargs) -> "Flux":
+        """A ComfyUI-format FLUX.1 file (models/diffusion_models): see trainer/families/single_file/flux.py."""
+        from .single_file import load_single_file
+
+        return load_single_file(path, dtype, device, family=cls.name, **kwargs)
 
     @property
     def guidance_embeds(self) -> bool:
@@ -204,6 +208,9 @@ class Flux(ModelFamily):
     @torch.no_grad()
     def encode_prompts(self, captions: list[str]) -> list[dict[str, torch.Tensor]]:
         """FluxPipeline.encode_prompt: T5 hidden states [max_sequence_length, d_model], CLIP pooled [hidden]."""
+        external = self.external_encoders
+        if external is not None and external.encode_prompts is not None:  # e.g. ComfyUI's CLIP: the same tensors as below
+            return external.encode_prompts(list(captions), self.max_sequence_length)
         clip_tokenizer, t5_tokenizer = self.loaded.tokenizers
         clip, t5 = self.loaded.text_encoders
         captions = list(captions)
@@ -225,6 +232,9 @@ class Flux(ModelFamily):
         height, width = pixels.shape[-2:]
         if height % self.resolution_factor or width % self.resolution_factor:
             raise ValueError(f"flux: pixel size {height}x{width} is not a multiple of {self.resolution_factor}")
+        external = self.external_encoders
+        if external is not None and external.encode_pixels is not None:  # e.g. ComfyUI's VAE, shifted and scaled as below
+            return external.encode_pixels(pixels).float()
         vae = self.loaded.vae
         latents = vae.encode(pixels[:, :, 0].to(vae.device, vae.dtype)).latent_dist.mode()
         shift = getattr(vae.config, "shift_factor", None) or 0.0
@@ -309,6 +319,18 @@ class Flux(ModelFamily):
                       f"tokens -> {s['base_shift']:g}..{s['max_shift']:g})") if s["dynamic"] else s["shift"],
             "max_sequence_length": self.max_sequence_length,
         }
+
+
+def shift_settings(scheduler_config: dict) -> dict[str, Any]:
+    """The sigma shift a FlowMatchEulerDiscreteScheduler config implies (see the module doc), with its defaults."""
+    shift = {key: float(scheduler_config.get(key) if scheduler_config.get(key) is not None else default)
+             for key, default in SHIFT_DEFAULTS.items()}
+    shift.update(
+        dynamic=bool(scheduler_config.get("use_dynamic_shifting", False)),
+        time_shift_type=scheduler_config.get("time_shift_type", "exponential"),
+        shift=float(scheduler_config.get("shift", 1.0)),
+    )
+    return shift
 
 
 def flux_target_modules(transformer: nn.Module, linear_rank: int) -> list[TargetModule]:

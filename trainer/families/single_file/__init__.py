@@ -23,6 +23,18 @@ import torch
 
 from ...errors import ModelError
 from .common import CONFIG_DIR, SCALED_FP8_MARKERS, Variant, load_config_argument, read_shapes  # noqa: F401
+from .flux import (  # noqa: F401
+    FLUX_CONFIG_DIR,
+    convert_flux_file,
+    detect_flux,
+    flux_facts_from_config,
+    flux_facts_from_shapes,
+    is_flux_file,
+    known_flux_variants,
+    load_flux_file,
+    load_flux_transformer,
+    load_flux_vae_file,
+)
 from .sd import (  # noqa: F401
     SD15_CONFIG_DIR,
     SDXL_CONFIG_DIR,
@@ -57,6 +69,8 @@ from .wan import (  # noqa: F401
 )
 
 WHAT_LOADS = ("a Wan diffusion model from models/diffusion_models such as wan2.1_t2v_1.3B_fp16.safetensors, or "
+              "a FLUX.1 dev / schnell diffusion model such as flux1-dev.safetensors (double_blocks.*, "
+              "single_blocks.*), or "
               "a full SD 1.5 / SDXL checkpoint from models/checkpoints (model.diffusion_model.* with "
               "first_stage_model.* and cond_stage_model.* or conditioner.embedders.*)")
 
@@ -69,6 +83,8 @@ def detect_variant(path: str | Path, config: str | Path | dict | None = None,
         return detect_sd(path, config=config, shapes=shapes)
     if is_wan_file(shapes):
         return detect_wan(path, config=config, shapes=shapes)
+    if is_flux_file(shapes):
+        return detect_flux(path, config=config, shapes=shapes)
     raise ModelError(f"{path}: not a model file the trainer knows (its {len(shapes)} tensors, e.g. "
                      f"{', '.join(sorted(shapes)[:4])}, are none of: {WHAT_LOADS})")
 
@@ -91,6 +107,9 @@ def load_single_file(path: str | Path, dtype: torch.dtype, device: torch.device 
         return load_sd_checkpoint(path, dtype, device, config=config, encoders_from=encoders_from,
                                   tokenizer_from=tokenizer_from, vae_file=vae_file, variant=variant,
                                   encoders=encoders)
+    if is_flux_file(shapes):
+        return load_flux_file(path, dtype, device, config=config, encoders_from=encoders_from, vae_file=vae_file,
+                              encoders=encoders, family=family, max_sequence_length=max_sequence_length)
     detect_variant(path, config=config, shapes=shapes)  # the clear error for a file that is none of these
     return load_wan_file(path, dtype, device, config=config, encoders_from=encoders_from, vae_file=vae_file,
                          encoders=encoders, family=family, max_sequence_length=max_sequence_length)
