@@ -25,7 +25,9 @@ class ExternalEncoders:
     encode_prompts(captions, max_length) -> one {"encoder_hidden_states": [max_length, d]} per caption (captions
     already cleaned by the family); encode_pixels(pixels [B, 3, F, H, W] in [-1, 1]) -> the family's latents.
     `identity` names the encoders for the latent cache key; `release()` drops the references so the caller's
-    encoders can be unloaded once everything is cached."""
+    encoders can be unloaded once everything is cached.
+    encode_image(images: [H, W, 3] uint8 arrays, each item's first frame as the pipeline's PIL image) ->
+    [B, tokens, d] float32 image embeddings, as WanImageToVideoPipeline.encode_image (Wan 2.1 I2V only)."""
 
     encode_prompts: Callable[[list, int], list] | None
     encode_pixels: Callable[[torch.Tensor], torch.Tensor] | None
@@ -34,10 +36,12 @@ class ExternalEncoders:
     temporal_factor: int = 4
     objects: list = field(default_factory=list)
     on_release: Callable[[], None] | None = None  # e.g. the node unloading ComfyUI's models from the GPU
+    encode_image: Callable[[list], torch.Tensor] | None = None
 
     def release(self) -> None:
         self.encode_prompts = None
         self.encode_pixels = None
+        self.encode_image = None
         self.objects.clear()
         if self.on_release is not None:
             self.on_release()
@@ -68,6 +72,7 @@ def module_fingerprint(*modules) -> str:
 ADAPTERS = {
     "wan21": ("wan", "comfy_wan_encoders"),
     "flux": ("flux", "comfy_flux_encoders"),
+    "wan21_i2v": ("wan_image", "comfy_wan_image_encoders"),
     "sd15": ("sd", "comfy_sd15_encoders"),
     "sdxl": ("sd", "comfy_sdxl_encoders"),
 }

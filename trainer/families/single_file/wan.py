@@ -261,9 +261,11 @@ def load_wan_file(path: str | Path, dtype: torch.dtype, device: torch.device | s
         raise ModelError(f"{path}: a Wan diffusion-model file holds only the transformer; the {' and '.join(missing)} "
                          "must come from elsewhere: connect ComfyUI's CLIP (umt5) and VAE (Wan 2.1) to the Train "
                          "node, or give a Wan diffusers folder as encoders_from")
-    if variant.family == "wan21_i2v" and encoders_from is None:
-        raise ModelError(f"{path}: is {variant.description}; its CLIP image encoder is read from a Wan I2V "
-                         "diffusers folder (encoders_from); ComfyUI's CLIP vision input is not supported yet")
+    needs_image = variant.family == "wan21_i2v" and getattr(encoders, "encode_image", None) is None
+    if needs_image and encoders_from is None:
+        raise ModelError(f"{path}: is {variant.description}; its CLIP image encoder must come from elsewhere: "
+                         "connect ComfyUI's CLIP vision (CLIPVisionLoader, clip_vision_h.safetensors) to the Train "
+                         "node, or give a Wan I2V diffusers folder as encoders_from")
     length = max_sequence_length or DEFAULT_MAX_SEQUENCE_LENGTH
     transformer = load_wan_transformer(path, variant, dtype, device)
 
@@ -313,7 +315,7 @@ def load_wan_file(path: str | Path, dtype: torch.dtype, device: torch.device | s
         scale_temporal = int(getattr(encoders, "temporal_factor", scale_temporal))
     model.resolution_factor = scale_spatial * int(transformer.config.patch_size[1])
     model.temporal_factor = scale_temporal
-    if variant.family == "wan21_i2v":
+    if needs_image:
         from ..wan21_i2v import load_image_encoder
 
         load_image_encoder(str(Path(encoders_from).expanduser()), model)
