@@ -11,7 +11,9 @@ and the training set caches it per sample:
   transformer's input is cat([noisy latents, image_condition], channels): in_channels 36 = 16 + 4 + 16.
 - ``image_embeds`` [257, 1280] (real model): the CLIP vision tower's penultimate hidden states of the first
   frame, as WanImageToVideoPipeline.encode_image, passed as `encoder_hidden_states_image`. Only for
-  transformers with `image_dim` (Wan 2.1 I2V); Wan 2.2 A14B I2V has no image encoder.
+  transformers with `image_dim` (Wan 2.1 I2V); Wan 2.2 A14B I2V has no image encoder. The tower is the
+  folder's image_encoder, or ComfyUI's CLIP vision through the external encoders' `encode_image`
+  (trainer/comfy_encoders/wan_image.py: the same preprocessing, the same layer).
 
 The first frame is the sample's first frame at its bucket size: what a user hands the pipeline as `image`.
 For CLIP it is quantized to 8-bit, like the PIL image the pipeline's image processor is given. The loss covers
@@ -145,7 +147,8 @@ class FirstFrameConditioning:
 
     @property
     def uses_clip(self) -> bool:
-        return "image_encoder" in self.loaded.extra
+        external = self.external_encoders
+        return "image_encoder" in self.loaded.extra or getattr(external, "encode_image", None) is not None
 
     @torch.no_grad()
     def encode_pixels(self, pixels: torch.Tensor, i2v: bool = True) -> dict[str, torch.Tensor]:
@@ -169,10 +172,18 @@ class FirstFrameConditioning:
     @torch.no_grad()
     def encode_first_frame_clip(self, pixels: torch.Tensor) -> torch.Tensor:
         """WanImageToVideoPipeline.encode_image of each item's first frame: [B, tokens, image_dim] float32."""
+        images = first_frame_images(pixels)
+        external = self.external_encoders
+        if getattr(external, "encode_image", None) is not None:  # ComfyUI's CLIP vision: the same tensors
+            embeds = external.encode_image(images).float()
+            image_dim = getattr(self.denoiser.config, "image_dim", None)
+            if image_dim is not None and embeds.shape[-1] != image_dim:
+                raise ModelError(f"the CLIP vision model gives {embeds.shape[-1]}-wide image embeddings; the "
+                                 f"transformer's image_dim is {image_dim}: connect the CLIP vision model this "
+                                 "Wan I2V model was trained with (clip_vision_h.safetensors)")
+            return embeds
         encoder = self.loaded.extra["image_encoder"]
         processor = self.loaded.extra["image_processor"]
-        frames = ((pixels[:, :, 0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-        images = [frame.permute(1, 2, 0).cpu().numpy() for frame in frames]
         inputs = processor(images=images, return_tensors="pt").to(encoder.device)
         return encoder(**inputs, output_hidden_states=True).hidden_states[-2].float()
 
@@ -184,6 +195,13 @@ class FirstFrameConditioning:
         super().release_encoders()
         self.loaded.extra.pop("image_encoder", None)
         self.loaded.extra.pop("image_processor", None)
+
+
+def first_frame_images(pixels: torch.Tensor) -> list:
+    """Each item's first frame of [B, 3, F, H, W] in [-1, 1] as an [H, W, 3] uint8 array: the 8-bit image a
+    user hands the pipeline (what its image processor, or ComfyUI's CLIP vision adapter, starts from)."""
+    frames = ((pixels[:, :, 0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return [frame.permute(1, 2, 0).cpu().numpy() for frame in frames]
 
 
 def load_image_encoder(path: str, family) -> None:
@@ -237,6 +255,14 @@ class Wan21I2V(FirstFrameConditioning, Wan21):
         family = super().load(path, dtype, device, max_sequence_length=max_sequence_length)
         load_image_encoder(path, family)
         return family
+
+    def cache_identity(self) -> str:
+        identity = super().cache_identity()
+        external = self.external_encoders
+        if getattr(external, "encode_image", None) is not None and external.encode_pixels is None:
+            # the cached items hold image embeddings too: name the CLIP vision model that made them
+            identity = f"{identity}:{external.identity}"
+        return identity
 
     def predict(self, noisy: NoisyBatch, cond: dict[str, torch.Tensor]) -> torch.Tensor:
         return run_wan_transformer(self.denoiser, self.transformer_input(noisy, cond), noisy.timesteps, cond,
