@@ -21,6 +21,8 @@ from trainer.job import DTYPES
 
 from .common import CATEGORY, PREFIX, PTModel
 
+NO_FILE = "none"
+
 
 def _diffusers_roots() -> list[str]:
     return list(folder_paths.get_folder_paths("diffusers"))
@@ -73,20 +75,24 @@ class LoadTrainingModelFile(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         files = model_file_choices({f: folder_paths.get_filename_list(f) for f in MODEL_FILE_FOLDERS})
+        experts = [f for f in files if f.startswith("diffusion_models/")]
         return io.Schema(
             node_id=f"{PREFIX}LoadModelFile",
             display_name="Load Training Model (ComfyUI file)",
             category=CATEGORY,
             description="The base model to train a LoRA for, from a file in models/diffusion_models or "
                         "models/checkpoints (e.g. wan2.1_t2v_1.3B_fp16.safetensors, v1-5-pruned-emaonly"
-                        ".safetensors). The variant (Wan 2.1 T2V 1.3B/14B, I2V 14B, SD 1.5) is detected from the "
-                        "weights' shapes. A Wan file holds only the diffusion model: connect ComfyUI's CLIP (umt5, "
-                        "CLIPLoader type wan) and VAE (Wan 2.1) to the Train node for the text and pixel encoding. "
+                        ".safetensors). The variant (Wan 2.1 T2V 1.3B/14B, I2V 14B, Wan 2.2 TI2V-5B, SD 1.5) is "
+                        "detected from the weights' shapes; Wan 2.2 A14B is two files: the high-noise expert here "
+                        "and the low-noise one as low_noise_file. A Wan file holds only the diffusion model: "
+                        "connect ComfyUI's CLIP (umt5, CLIPLoader type wan) and VAE (Wan 2.1; Wan 2.2 VAE for "
+                        "TI2V-5B) to the Train node for the text and pixel encoding. "
                         "An SD 1.5 checkpoint brings its own CLIP and VAE (ComfyUI's CLIP tokenizer files are "
                         "used); SDXL and SD 2 checkpoints are not supported as single files yet.",
             inputs=[
                 io.Combo.Input("model_file", options=files or [""],
-                               tooltip="A .safetensors file from models/diffusion_models or models/checkpoints"),
+                               tooltip="A .safetensors file from models/diffusion_models or models/checkpoints "
+                                       "(Wan 2.2 A14B: the high-noise expert)"),
                 io.Combo.Input("dtype", options=list(DTYPES), default="bf16",
                                tooltip="Weight dtype of the frozen base model (the LoRA trains in fp32); an fp8 "
                                        "file is upcast to it"),
@@ -95,15 +101,22 @@ class LoadTrainingModelFile(io.ComfyNode):
                                         "model of non-standard size; empty: detect a released variant. For an "
                                         "SD 1.5 checkpoint: 'v_prediction' for a v-prediction fine-tune (a "
                                         "checkpoint cannot say so), or a diffusers SD folder of its size"),
+                # last, so saved workflows keep their widget order
+                io.Combo.Input("low_noise_file", options=[NO_FILE] + experts, default=NO_FILE, optional=True,
+                               tooltip="Wan 2.2 A14B only: the low-noise expert file (model_file is the "
+                                       "high-noise one); the pair trains one LoRA per expert. none: one model"),
             ],
             outputs=[PTModel.Output(display_name="model")],
         )
 
     @classmethod
-    def execute(cls, model_file: str, dtype: str, config: str = "") -> io.NodeOutput:
+    def execute(cls, model_file: str, dtype: str, config: str = "", low_noise_file: str = NO_FILE) -> io.NodeOutput:
         path = resolve_model_file(model_file, folder_paths.get_full_path)
+        low = None if low_noise_file in (NO_FILE, "", None) else \
+            resolve_model_file(low_noise_file, folder_paths.get_full_path)
         # ModelError listing what was found; an SD 1.5 checkpoint's tokenizer is ComfyUI's own copy
-        return io.NodeOutput(single_file_model(path, dtype, config, tokenizer_from=_comfy_sd1_tokenizer()))
+        return io.NodeOutput(single_file_model(path, dtype, config, tokenizer_from=_comfy_sd1_tokenizer(),
+                                               low_noise_path=low))
 
 
 def _comfy_sd1_tokenizer() -> str | None:

@@ -174,19 +174,32 @@ def resolve_model_file(choice: str, full_path: Callable[[str, str], str | None])
 
 
 def single_file_model(path: str | os.PathLike, dtype: str, config: str = "",
-                      tokenizer_from: str | os.PathLike | None = None) -> dict:
+                      tokenizer_from: str | os.PathLike | None = None,
+                      low_noise_path: str | os.PathLike | None = None) -> dict:
     """The PT_MODEL value for a single model file: the variant is detected now from the file's header (a
     ModelError listing what was found if it matches no known variant); the Train node loads the weights.
 
     An SD 1.5 checkpoint has no tokenizer files: they come from the `config` folder when it is a diffusers SD
     folder with a tokenizer, else from `tokenizer_from` (the node passes ComfyUI's comfy/sd1_tokenizer); the
-    spec names that folder as encoders_from, so an exported job file finds it too."""
+    spec names that folder as encoders_from, so an exported job file finds it too.
+
+    Wan 2.2 A14B is two files: `path` the high-noise expert, `low_noise_path` the low-noise one (the pair makes the
+    family wan22_14b / wan22_14b_i2v; both headers are checked now). The spec's low_noise_path is the job field."""
+    from .errors import ModelError
     from .families.single_file import detect_variant, find_clip_tokenizer, has_clip_tokenizer
 
     config = (config or "").strip() or None
     variant = detect_variant(path, config=config)
+    if variant.family.startswith("wan"):  # the expert pair, or a lone 14B file named like an expert: ModelError
+        from .families.single_file.wan22 import expert_variant
+
+        variant, low_noise_path = expert_variant(Path(path), variant, None, low_noise_path, config)
+    elif low_noise_path is not None:
+        raise ModelError(f"{path}: is {variant.description}; the low-noise file is only for a Wan 2.2 A14B expert pair")
     spec = {"family": variant.family, "path": str(path), "dtype": dtype,
             "single_file": {"variant": variant.name, "description": variant.description, "config": config}}
+    if low_noise_path is not None:
+        spec["low_noise_path"] = str(low_noise_path)
     if variant.family == "sd15":
         named = config if config is not None and Path(config).expanduser().is_dir() and has_clip_tokenizer(config) \
             else None
@@ -207,7 +220,8 @@ def load_model_for_nodes(model: dict, dtype, encoders=None, device="cpu"):
         from .families.single_file import load_single_file
 
         return load_single_file(model["path"], dtype, device, config=spec.get("config"), encoders=encoders,
-                                family=model["family"], encoders_from=model.get("encoders_from"))
+                                family=model["family"], encoders_from=model.get("encoders_from"),
+                                low_noise_path=model.get("low_noise_path"))
     family = get_family(model["family"]).load(model["path"], dtype=dtype, device=device)
     family.loaded.extra["external_encoders"] = encoders
     return family

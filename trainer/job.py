@@ -48,6 +48,9 @@ class ModelConfig:
     config: str | None = None
     encoders_from: str | None = None
     vae_file: str | None = None
+    # two-expert families (Wan 2.2 A14B) from single files: `path` is the high-noise expert file, this the
+    # low-noise one (both are loaded; shapes alone cannot tell a T2V expert from Wan 2.1 14B, so the family says it)
+    low_noise_path: str | None = None
     # two-expert families (Wan 2.2 A14B): which experts get a LoRA
     train_high_noise: bool = True
     train_low_noise: bool = True
@@ -277,11 +280,25 @@ def _str_list(data: dict, key: str, path: str) -> list:
 # ---------------------------------------------------------------- sections
 
 
+def _check_expert_files(m: ModelConfig) -> None:
+    """Wan 2.2 A14B from single files needs both experts; a diffusers folder holds both itself."""
+    two_experts = m.family in ("wan22_14b", "wan22_14b_i2v")
+    if m.low_noise_path is not None and not two_experts:
+        raise JobError("model.low_noise_path", f"only for Wan 2.2 A14B single files (model.family wan22_14b or "
+                                               f"wan22_14b_i2v); {m.family} has one denoiser")
+    if two_experts and m.path.lower().endswith(".safetensors") and m.low_noise_path is None:
+        raise JobError("model.low_noise_path", f"{m.family} from single files is two expert files: model.path is "
+                                               "the high-noise expert, give the low-noise expert file here")
+    if m.low_noise_path is not None and not m.path.lower().endswith(".safetensors"):
+        raise JobError("model.low_noise_path", "is for a model.path that is a .safetensors expert file; a diffusers "
+                                               "folder holds both experts (transformer, transformer_2)")
+
+
 def _model(data: Any) -> ModelConfig:
     from .families import FAMILIES
 
     d = _keys(data, "model", ("family", "path", "dtype", "train_high_noise", "train_low_noise", "config",
-                              "encoders_from", "vae_file"), required=("family", "path"))
+                              "encoders_from", "vae_file", "low_noise_path"), required=("family", "path"))
     fam = d["family"]
     if not isinstance(fam, str) or fam not in FAMILIES:
         raise JobError("model.family", f"unknown family {_show(fam)}; use one of {', '.join(sorted(FAMILIES))}")
@@ -290,7 +307,8 @@ def _model(data: Any) -> ModelConfig:
                     train_high_noise=_bool(d, "train_high_noise", "model", True),
                     train_low_noise=_bool(d, "train_low_noise", "model", True),
                     config=_str(d, "config", "model"), encoders_from=_str(d, "encoders_from", "model"),
-                    vae_file=_str(d, "vae_file", "model"))
+                    vae_file=_str(d, "vae_file", "model"), low_noise_path=_str(d, "low_noise_path", "model"))
+    _check_expert_files(m)
     given = [k for k in ("train_high_noise", "train_low_noise") if k in d]
     if given:
         from .families import get_family
@@ -633,7 +651,7 @@ def parse_job(data: Any, base_dir: str | Path | None = None, *, require_datasets
     _check_path_text(model.path, "model.path")
     if _looks_like_path(model.path):
         model.path = resolve(model.path, "model.path")
-    for key in ("config", "encoders_from", "vae_file"):
+    for key in ("config", "encoders_from", "vae_file", "low_noise_path"):
         if getattr(model, key):
             setattr(model, key, resolve(getattr(model, key), f"model.{key}"))
     if save.resume not in (None, "latest"):
@@ -735,7 +753,7 @@ def job_to_dict(job: Job) -> dict:
                for e, c in net.alpha_schedule_per_expert.items()}
         network.setdefault("alpha_schedule", {"enabled": True})["per_expert"] = per
     model = {k: v for k, v in asdict(job.model).items()
-             if v is not None or k not in ("config", "encoders_from", "vae_file")}
+             if v is not None or k not in ("config", "encoders_from", "vae_file", "low_noise_path")}
     if job.model.train_high_noise and job.model.train_low_noise:
         model.pop("train_high_noise")
         model.pop("train_low_noise")

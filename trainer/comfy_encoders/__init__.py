@@ -71,6 +71,9 @@ def module_fingerprint(*modules) -> str:
 # family -> (module, builder): each builder takes (clip, vae, clip_vision) as ComfyUI hands them over.
 ADAPTERS = {
     "wan21": ("wan", "comfy_wan_encoders"),
+    "wan22_5b": ("wan22", "comfy_wan22_5b_encoders"),
+    "wan22_14b": ("wan22", "comfy_wan22_a14b_encoders"),
+    "wan22_14b_i2v": ("wan22", "comfy_wan22_a14b_encoders"),
     "flux": ("flux", "comfy_flux_encoders"),
     "wan21_i2v": ("wan_image", "comfy_wan_image_encoders"),
     "sd15": ("sd", "comfy_sd15_encoders"),

@@ -94,7 +94,8 @@ class Wan22A14B(Wan21):
 
     @classmethod
     def load(cls, path: str, dtype: torch.dtype, device: torch.device | str = "cpu", **kwargs) -> "Wan22A14B":
-        """Both experts in `dtype`; the high-noise one on `device` (active), the low-noise one on the CPU."""
+        """Both experts in `dtype`; the high-noise one on `device` (active), the low-noise one on the CPU.
+        From ComfyUI files: `from_single_file(high_noise_file, ..., low_noise_path=low_noise_file)`."""
         from diffusers import WanTransformer3DModel
 
         family = super().load(path, dtype, device, **kwargs)
@@ -102,15 +103,20 @@ class Wan22A14B(Wan21):
             low = WanTransformer3DModel.from_pretrained(path, subfolder="transformer_2", torch_dtype=dtype)
         except (OSError, ValueError) as e:
             raise ModelError(f"{path}: cannot load transformer_2 (the low-noise expert): {e}") from e
-        low.requires_grad_(False)
-        low.eval()
-        scheduler = cls.check_folder(path)
-        family.loaded.extra.update({
-            "experts": {HIGH_NOISE: family.loaded.denoiser, LOW_NOISE: low},
-            "boundary_ratio": scheduler["boundary_ratio"],
+        family.set_experts(low, cls.check_folder(path)["boundary_ratio"])
+        return family
+
+    def set_experts(self, low_noise: nn.Module, boundary_ratio: float) -> None:
+        """The loaded denoiser becomes the high-noise expert (active) and `low_noise` the low-noise one, frozen
+        where it is (the CPU). Both loaders end here: the folder's transformer_2 and a low-noise expert file
+        (single_file/wan22.py)."""
+        low_noise.requires_grad_(False)
+        low_noise.eval()
+        self.loaded.extra.update({
+            "experts": {HIGH_NOISE: self.loaded.denoiser, LOW_NOISE: low_noise},
+            "boundary_ratio": float(boundary_ratio),
             "active_expert": HIGH_NOISE,
         })
-        return family
 
     # ---- experts ----
     @property

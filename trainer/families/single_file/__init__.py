@@ -67,6 +67,7 @@ from .wan import (  # noqa: F401
     wan_facts_from_config,
     wan_facts_from_shapes,
 )
+from .wan22 import EXPERT_FAMILIES, convert_wan22_vae_to_diffusers, expert_named, load_wan22_vae_file  # noqa: F401
 
 WHAT_LOADS = ("a Wan diffusion model from models/diffusion_models such as wan2.1_t2v_1.3B_fp16.safetensors, or "
               "a FLUX.1 dev / schnell diffusion model such as flux1-dev.safetensors (double_blocks.*, "
@@ -76,13 +77,14 @@ WHAT_LOADS = ("a Wan diffusion model from models/diffusion_models such as wan2.1
 
 
 def detect_variant(path: str | Path, config: str | Path | dict | None = None,
-                   shapes: dict | None = None) -> Variant:
-    """The variant of a single .safetensors model file, from its header alone (see the module docstring)."""
+                   shapes: dict | None = None, family: str | None = None) -> Variant:
+    """The variant of a single .safetensors model file, from its header alone (see the module docstring).
+    `family` picks between variants of identical shapes (a Wan 2.2 A14B T2V expert is Wan 2.1 T2V 14B)."""
     shapes = read_shapes(path) if shapes is None else shapes
     if is_ldm_checkpoint(shapes):
         return detect_sd(path, config=config, shapes=shapes)
     if is_wan_file(shapes):
-        return detect_wan(path, config=config, shapes=shapes)
+        return detect_wan(path, config=config, shapes=shapes, family=family)
     if is_flux_file(shapes):
         return detect_flux(path, config=config, shapes=shapes)
     raise ModelError(f"{path}: not a model file the trainer knows (its {len(shapes)} tensors, e.g. "
@@ -92,13 +94,15 @@ def detect_variant(path: str | Path, config: str | Path | dict | None = None,
 def load_single_file(path: str | Path, dtype: torch.dtype, device: torch.device | str = "cpu", *,
                      config: str | Path | dict | None = None, encoders_from: str | Path | None = None,
                      vae_file: str | Path | None = None, encoders=None, family: str | None = None,
-                     max_sequence_length: int | None = None, tokenizer_from: str | Path | None = None):
+                     max_sequence_length: int | None = None, tokenizer_from: str | Path | None = None,
+                     low_noise_path: str | Path | None = None):
     """A loaded ModelFamily from a single model file. `family`, when given, must be the detected one.
 
     `encoders` (a trainer.comfy_encoders.ExternalEncoders, e.g. ComfyUI's CLIP and VAE) replaces the family's own
     text encoder and VAE; otherwise they come from the file itself (SD checkpoints), from `encoders_from` (a
     diffusers folder of the family, only its encoders are read), `vae_file` (a VAE file), or `tokenizer_from`
-    (SD: a CLIP tokenizer folder, which the ComfyUI node layer points at ComfyUI's own)."""
+    (SD: a CLIP tokenizer folder, which the ComfyUI node layer points at ComfyUI's own). Wan 2.2 A14B is two
+    files: `path` the high-noise expert, `low_noise_path` the low-noise one."""
     path = Path(path).expanduser()
     shapes = read_shapes(path)
     if is_ldm_checkpoint(shapes):
@@ -112,7 +116,8 @@ def load_single_file(path: str | Path, dtype: torch.dtype, device: torch.device 
                               encoders=encoders, family=family, max_sequence_length=max_sequence_length)
     detect_variant(path, config=config, shapes=shapes)  # the clear error for a file that is none of these
     return load_wan_file(path, dtype, device, config=config, encoders_from=encoders_from, vae_file=vae_file,
-                         encoders=encoders, family=family, max_sequence_length=max_sequence_length)
+                         encoders=encoders, family=family, max_sequence_length=max_sequence_length,
+                         low_noise_path=low_noise_path)
 
 
 def _check_family(path: Path, variant: Variant, family: str | None) -> None:

@@ -31,6 +31,7 @@ import torch
 from ...errors import ModelError
 
 from .common import CONFIG_DIR, Variant, _describe_facts, _first_line, _read_tensors, load_config_argument, read_shapes
+from .wan22 import EXPERT_FAMILIES, attach_low_noise_expert, encoder_folder_family, expert_variant, load_wan22_vae_file
 
 # ComfyUI saves checkpoints with this prefix; UNETLoader files usually have none.
 WAN_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
@@ -126,11 +127,13 @@ def is_wan_file(shapes: dict) -> bool:
 
 
 def detect_wan(path: str | Path, config: str | Path | dict | None = None,
-               shapes: dict | None = None) -> Variant:
+               shapes: dict | None = None, family: str | None = None) -> Variant:
     """The variant of a Wan diffusion-model file, from its shapes.
 
     With `config` (a diffusers transformer config), the file must match that config instead of a shipped one:
-    for fine-tunes of non-standard size. ModelError naming the file and listing the facts found otherwise."""
+    for fine-tunes of non-standard size. ModelError naming the file and listing the facts found otherwise.
+    Shapes shared by two variants (a Wan 2.2 A14B T2V expert is Wan 2.1 T2V 14B) give the one of `family` when
+    given, else the one-denoiser variant (see wan22.py)."""
     shapes = read_shapes(path) if shapes is None else shapes
     prefix, names = strip_wan_prefix(shapes)
     plain = {k: shapes[orig] for k, orig in names.items()}
@@ -151,22 +154,32 @@ def detect_wan(path: str | Path, config: str | Path | dict | None = None,
         if diffs:
             raise ModelError(f"{path}: does not match the given config {config if not isinstance(config, dict) else ''}"
                              f"({'; '.join(diffs)})")
-        family = "wan21_i2v" if cfg.get("image_dim") is not None or facts["in_channels"] != facts["out_channels"] \
-            else "wan21"
-        return Variant(name="custom", family=family, description=f"a Wan 2.1 transformer of the given config "
+        family = _custom_family(cfg, facts, family)
+        return Variant(name="custom", family=family, description=f"a Wan transformer of the given config "
                        f"({_describe_facts(facts)})", config=cfg, source=str(config if not isinstance(config, dict)
                                                                                else "given config"))
     candidates = known_variants()
-    for variant in candidates:
-        if wan_facts_from_config(variant.config) == facts:
-            return variant
+    matches = [v for v in candidates if wan_facts_from_config(v.config) == facts]
+    if matches:
+        preferred = [v for v in matches if v.family == family] or \
+            [v for v in matches if v.family not in EXPERT_FAMILIES] or matches
+        return preferred[0]
     listing = "; ".join(f"{v.name}: {_describe_facts(wan_facts_from_config(v.config))}" for v in candidates)
     raise ModelError(
         f"{path}: a Wan transformer that matches no known variant. Found: {_describe_facts(facts)}. Known: "
-        f"{listing}. (A Wan 2.2 TI2V-5B file has dim 3072 and in_channels 48, which the single-file loader does "
-        "not build yet.) For a fine-tune of another size, give its diffusers config (config.json) as `config`."
+        f"{listing}. For a fine-tune of another size, give its diffusers config (config.json) as `config`."
     )
 
+
+
+def _custom_family(cfg: dict, facts: dict, family: str | None) -> str:
+    """The family of a file loaded with its own config: the one asked for when it fits the channels."""
+    first_frame = cfg.get("image_dim") is not None or facts["in_channels"] != facts["out_channels"]
+    if family in EXPERT_FAMILIES:
+        return "wan22_14b_i2v" if first_frame else "wan22_14b"
+    if family == "wan22_5b" or (facts["in_channels"] == 48 and not first_frame):
+        return "wan22_5b"
+    return "wan21_i2v" if first_frame else "wan21"
 
 
 def load_wan_transformer(path: str | Path, variant: Variant, dtype: torch.dtype,
@@ -216,7 +229,8 @@ def load_wan_vae_file(path: str | Path, device: torch.device | str = "cpu"):
         raise ModelError(f"{path}: not a Wan VAE file (no decoder.middle.0.residual.0.gamma); pick the Wan 2.1 VAE "
                          "from models/vae, e.g. wan_2.1_vae.safetensors")
     if "decoder.upsamples.0.upsamples.0.residual.2.weight" in shapes:
-        raise ModelError(f"{path}: is the Wan 2.2 VAE (48 latent channels); Wan 2.1 models need the Wan 2.1 VAE")
+        raise ModelError(f"{path}: is the Wan 2.2 VAE (48 latent channels), which only Wan 2.2 TI2V-5B uses; Wan 2.1 "
+                         "and Wan 2.2 A14B models need the Wan 2.1 VAE (wan_2.1_vae.safetensors)")
     base_dim = shapes["decoder.head.0.gamma"][0]
     state = convert_wan_vae_to_diffusers(_read_tensors(path, {k: k for k in shapes}, torch.float32))
     with init_empty_weights():
@@ -238,8 +252,9 @@ def load_wan_vae_file(path: str | Path, device: torch.device | str = "cpu"):
 def load_wan_file(path: str | Path, dtype: torch.dtype, device: torch.device | str = "cpu", *,
                   config: str | Path | dict | None = None, encoders_from: str | Path | None = None,
                   vae_file: str | Path | None = None, encoders=None, family: str | None = None,
-                  max_sequence_length: int | None = None):
-    """A loaded Wan family from a Wan diffusion-model file.
+                  max_sequence_length: int | None = None, low_noise_path: str | Path | None = None):
+    """A loaded Wan family from a Wan diffusion-model file (Wan 2.2 A14B: `path` is the high-noise expert and
+    `low_noise_path` the low-noise one, see wan22.py).
 
     Text encoding and VAE: `encoders` (a trainer.comfy_encoders.ExternalEncoders) wins; otherwise the text
     encoder and tokenizer come from the Wan diffusers folder `encoders_from`, the VAE from `vae_file` or that
@@ -249,7 +264,8 @@ def load_wan_file(path: str | Path, dtype: torch.dtype, device: torch.device | s
     from .. import get_family
 
     path = Path(path).expanduser()
-    variant = detect_wan(path, config=config)
+    variant, low_noise = expert_variant(path, detect_wan(path, config=config, family=family), family,
+                                        low_noise_path, config)
     if family is not None and family != variant.family:
         raise ModelError(f"{path}: is {variant.description}, trained by model.family '{variant.family}', "
                          f"not '{family}'")
@@ -258,9 +274,11 @@ def load_wan_file(path: str | Path, dtype: torch.dtype, device: torch.device | s
     needs_vae = encoders is None or encoders.encode_pixels is None
     if (needs_text or (needs_vae and vae_file is None)) and encoders_from is None:
         missing = [n for n, need in (("text encoder", needs_text), ("VAE", needs_vae and vae_file is None)) if need]
+        vae_name = "Wan 2.2" if variant.family == "wan22_5b" else "Wan 2.1"
         raise ModelError(f"{path}: a Wan diffusion-model file holds only the transformer; the {' and '.join(missing)} "
-                         "must come from elsewhere: connect ComfyUI's CLIP (umt5) and VAE (Wan 2.1) to the Train "
-                         "node, or give a Wan diffusers folder as encoders_from")
+                         f"must come from elsewhere: connect ComfyUI's CLIP (umt5) and VAE ({vae_name}) to the Train "
+                         f"node, {'give the VAE file as vae_file, ' if vae_name == 'Wan 2.2' else ''}or give a "
+                         "Wan diffusers folder as encoders_from")
     needs_image = variant.family == "wan21_i2v" and getattr(encoders, "encode_image", None) is None
     if needs_image and encoders_from is None:
         raise ModelError(f"{path}: is {variant.description}; its CLIP image encoder must come from elsewhere: "
@@ -269,7 +287,7 @@ def load_wan_file(path: str | Path, dtype: torch.dtype, device: torch.device | s
     length = max_sequence_length or DEFAULT_MAX_SEQUENCE_LENGTH
     transformer = load_wan_transformer(path, variant, dtype, device)
 
-    vae, text_encoders, tokenizers = None, [], []
+    vae, text_encoders, tokenizers, boundary_ratio = None, [], [], None
     flow_shift = variant.flow_shift if variant.flow_shift is not None else DEFAULT_FLOW_SHIFT
     if encoders_from is not None:
         from diffusers import AutoencoderKLWan
@@ -278,7 +296,8 @@ def load_wan_file(path: str | Path, dtype: torch.dtype, device: torch.device | s
         from ..wan21_i2v import read_wan_folder, scheduler_shift
 
         folder = str(Path(encoders_from).expanduser())
-        configs = read_wan_folder(folder, variant.family)  # ModelError naming the folder if it is another Wan
+        folder_family = encoder_folder_family(folder, variant.family)  # A14B: any Wan 2.1 / A14B folder
+        configs = read_wan_folder(folder, folder_family)  # ModelError naming the folder if it is another Wan
         if configs["text"].get("d_model") != transformer.config.text_dim:
             raise ModelError(f"{folder}: text_encoder d_model {configs['text'].get('d_model')} != the file's "
                              f"text_dim {transformer.config.text_dim}")
@@ -296,10 +315,11 @@ def load_wan_file(path: str | Path, dtype: torch.dtype, device: torch.device | s
             module.requires_grad_(False)
             module.eval()
             module.to(device)
-        shift = scheduler_shift(configs["scheduler"])
+        shift = scheduler_shift(configs["scheduler"]) if folder_family == variant.family else None
         flow_shift = shift if shift is not None else flow_shift
+        boundary_ratio = configs["index"].get("boundary_ratio") if folder_family == variant.family else None
     if needs_vae and vae_file is not None:
-        vae = load_wan_vae_file(vae_file, device)
+        vae = (load_wan22_vae_file if variant.family == "wan22_5b" else load_wan_vae_file)(vae_file, device)
 
     extra = {"flow_shift": float(flow_shift), "max_sequence_length": length, "dtype": dtype, "path": str(path),
              "variant": variant.name}
@@ -315,6 +335,8 @@ def load_wan_file(path: str | Path, dtype: torch.dtype, device: torch.device | s
         scale_temporal = int(getattr(encoders, "temporal_factor", scale_temporal))
     model.resolution_factor = scale_spatial * int(transformer.config.patch_size[1])
     model.temporal_factor = scale_temporal
+    if low_noise is not None:
+        attach_low_noise_expert(model, low_noise, variant, dtype, boundary_ratio)
     if needs_image:
         from ..wan21_i2v import load_image_encoder
 
