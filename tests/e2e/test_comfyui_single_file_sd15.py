@@ -6,6 +6,10 @@ ComfyUI builds its SD 1.5 CLIP and VAE at the released sizes whatever the file h
 full-size random CLIP ViT-L text tower and VAE (the shipped configs) and a small UNet that ComfyUI still detects
 as SD15 (context 768, 320 channels, two levels). The UNet's size is given to the node as a JSON config; the
 tokenizer is ComfyUI's own comfy/sd1_tokenizer, which the node passes in.
+
+The same graph runs twice: the trainer encoding with the checkpoint's own text encoder and VAE, and with
+CheckpointLoaderSimple's CLIP and VAE connected to the Train node (trainer/comfy_encoders/sd.py). Same seed, so
+the two loss curves must agree within float tolerance (the encodings differ by ~1e-6).
 """
 
 from __future__ import annotations
@@ -50,46 +54,81 @@ def setup(tmp_path_factory):
     return {"root": root, "python": python, "base": base, "unet_config": unet_config}
 
 
-def test_checkpoint_trains_through_the_node_graph_and_the_lora_loads_back(setup):
-    base = setup["base"]
+def train_prompt(ckpt: str, config, images: str, job: str, comfy_encoders: bool, steps: int = 3) -> dict:
+    """Load Training Model (ComfyUI file) -> image dataset -> LoRA network -> Train; with `comfy_encoders`
+    CheckpointLoaderSimple's CLIP and VAE of the same file go to Train's clip / vae inputs."""
     prompt = {
         "1": {"class_type": "PhaseTrainerLoadModelFile", "inputs": {
-            "model_file": f"checkpoints/{CKPT}", "dtype": "fp32", "config": str(setup["unet_config"])}},
+            "model_file": f"checkpoints/{ckpt}", "dtype": "fp32", "config": str(config)}},
         "2": {"class_type": "PhaseTrainerImageFolderDataset", "inputs": {
-            "folder": IMAGES, "resolution": "32", "trigger_word": "", "caption_ext": "txt", "default_caption": "",
+            "folder": images, "resolution": "32", "trigger_word": "", "caption_ext": "txt", "default_caption": "",
             "caption_dropout_rate": 0.0, "num_repeats": 1}},
         "3": {"class_type": "PhaseTrainerLoRANetwork", "inputs": {"linear": 4, "linear_alpha": 4, "conv": 2,
                                                                   "conv_alpha": 2}},
         "4": {"class_type": "PhaseTrainerTrain", "inputs": {
-            "model": ["1", 0], "dataset": ["2", 0], "network": ["3", 0], "job_name": "sd15_from_checkpoint",
-            "steps": 3, "learning_rate": 1e-3, "optimizer": "adamw", "lr_scheduler": "constant",
+            "model": ["1", 0], "dataset": ["2", 0], "network": ["3", 0], "job_name": job,
+            "steps": steps, "learning_rate": 1e-3, "optimizer": "adamw", "lr_scheduler": "constant",
             "warmup_steps": 0, "batch_size": 2, "gradient_accumulation": 1, "seed": 7, "save_every": 10,
             "resume": False, "gradient_checkpointing": False}},
     }
+    if comfy_encoders:
+        prompt["5"] = {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt}}
+        prompt["4"]["inputs"].update({"clip": ["5", 1], "vae": ["5", 2]})
+    return prompt
+
+
+def fill_defaults(server, prompt: dict) -> dict:
+    """Widgets the graph leaves out take the defaults ComfyUI's /object_info gives."""
+    info = server.object_info()
+    for node in prompt.values():
+        for section in ("required", "optional"):
+            for name, entry in info[node["class_type"]]["input"].get(section, {}).items():
+                if name not in node["inputs"] and len(entry) > 1 and isinstance(entry[1], dict) \
+                        and "default" in entry[1]:
+                    node["inputs"][name] = entry[1]["default"]
+    return prompt
+
+
+def run_training(server, prompt: dict, loras: Path) -> tuple[Path, list[float]]:
+    """(the final LoRA file, the loss per step from the Train node's ui output) of one training graph."""
+    entry, _ = server.run_prompt(fill_defaults(server, prompt), timeout=900)
+    train = next(k for k, v in prompt.items() if v["class_type"] == "PhaseTrainerTrain")
+    job = prompt[train]["inputs"]["job_name"]
+    ui = entry["outputs"][train]["phase_trainer_metrics"][0]
+    losses = [row[ui["columns"].index("loss")] for row in ui["rows"]]
+    (lora,) = sorted(p for p in loras.glob(f"{job}_*.safetensors") if "_step" not in p.name and "_best" not in p.name)
+    return lora, losses
+
+
+def lora_check_prompt(ckpt: str, lora: str) -> dict:
+    """ComfyUI's own checkpoint loader reads the file and its LoraLoader applies `lora` to the model and CLIP."""
+    return {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt}},
+        "2": {"class_type": "LoraLoader", "inputs": {"model": ["1", 0], "clip": ["1", 1], "lora_name": lora,
+                                                     "strength_model": 1.0, "strength_clip": 1.0}},
+        "3": {"class_type": "CheckpointSave", "inputs": {"model": ["2", 0], "clip": ["2", 1], "vae": ["1", 2],
+                                                         "filename_prefix": "checkpoints/merged"}},
+    }
+
+
+def test_checkpoint_trains_through_the_node_graph_and_the_lora_loads_back(setup):
+    base = setup["base"]
+    loras = base / "models" / "loras"
     with comfy_env.start_server(base, root=setup["root"], python=setup["python"]) as server:
-        info = server.object_info()
-        for node in prompt.values():  # widgets this graph leaves out take their defaults
-            for section in ("required", "optional"):
-                for name, entry in info[node["class_type"]]["input"].get(section, {}).items():
-                    if name not in node["inputs"] and len(entry) > 1 and isinstance(entry[1], dict) \
-                            and "default" in entry[1]:
-                        node["inputs"][name] = entry[1]["default"]
-        server.run_prompt(prompt, timeout=900)
-        (lora,) = sorted(p for p in (base / "models" / "loras").glob("sd15_from_checkpoint*.safetensors")
-                         if "_step" not in p.name)
-        # ComfyUI's own checkpoint loader reads the file, and its LoraLoader applies our LoRA to it
-        check = {
-            "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": CKPT}},
-            "2": {"class_type": "LoraLoader", "inputs": {"model": ["1", 0], "clip": ["1", 1], "lora_name": lora.name,
-                                                         "strength_model": 1.0, "strength_clip": 1.0}},
-            "3": {"class_type": "CheckpointSave", "inputs": {"model": ["2", 0], "clip": ["2", 1], "vae": ["1", 2],
-                                                             "filename_prefix": "checkpoints/merged"}},
-        }
-        server.run_prompt(check, timeout=900)
+        lora, losses = run_training(server, train_prompt(CKPT, setup["unet_config"], IMAGES, "sd15_from_checkpoint",
+                                                         comfy_encoders=False), loras)
+        lora_comfy, losses_comfy = run_training(server, train_prompt(
+            CKPT, setup["unet_config"], IMAGES, "sd15_comfy_encoders", comfy_encoders=True), loras)
+        server.run_prompt(lora_check_prompt(CKPT, lora.name), timeout=900)
         log = server.log()
+    print(f"losses, own encoders: {losses}; ComfyUI's CLIP/VAE: {losses_comfy}")
+    assert len(losses) == len(losses_comfy) == 3 and all(loss > 0 for loss in losses)
+    assert torch.allclose(torch.tensor(losses_comfy), torch.tensor(losses), rtol=1e-4, atol=1e-6), \
+        (losses, losses_comfy)
     assert "lora key not loaded" not in log, [line for line in log.splitlines() if "not loaded" in line][:5]
-    result = comfy_env.probe(base / "models" / "checkpoints" / CKPT, lora)
-    print("probe:", {k: result[k] for k in ("model_config", "patches_applied")})
-    assert result["model_config"] == "SD15"
-    assert result["not_loaded"] == [] and result["not_patched"] == [] and result["patches_applied"] > 0
-    assert all(v > 0 for v in result["max_abs_delta"].values())
+    results = comfy_env.probe_many(base / "models" / "checkpoints" / CKPT, [lora, lora_comfy])
+    for result in results:
+        print("probe:", {k: result[k] for k in ("model_config", "patches_applied")})
+        assert result["model_config"] == "SD15"
+        assert result["not_loaded"] == [] and result["not_patched"] == [] and result["patches_applied"] > 0
+        assert all(v > 0 for v in result["max_abs_delta"].values())
