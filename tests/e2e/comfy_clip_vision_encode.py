@@ -9,7 +9,9 @@ weights in diffusers layout). OUT gets, per image stacked on dim 0:
 - "family": the family's own path in this same process (CLIPImageProcessor + transformers CLIPVisionModel,
   hidden_states[-2], as WanImageToVideoPipeline.encode_image);
 - "comfy_own": ComfyUI's encode_image with its own resize and crop (CLIPVisionEncode, crop "center"), to
-  show what the adapter's preprocessing changes."""
+  show what the adapter's preprocessing changes.
+First, before the tiny config is switched on, ComfyUI's ClipVisionModel is built from its real ViT-H config
+(clip_vision_config_h.json: 32 x 1280, uninitialized) and the adapter's check accepts it (input size, mean, std)."""
 
 import os
 import sys
@@ -21,13 +23,22 @@ sys.path.insert(0, os.getcwd())
 
 
 def main(cv_file: str, config_json: str, folder: str, images_file: str, out: str) -> None:
-    os.environ["PT_TINY_CLIP_VISION_CONFIG"] = config_json
     from comfy.cli_args import args
 
     args.cpu = True
     import importlib.util  # ComfyUI has its own `tests` package: load the patch by path
 
     import comfy.clip_vision
+
+    from trainer.comfy_encoders.wan_image import check_comfy_clip_vision, wan_image_processor
+
+    os.environ.pop("PT_TINY_CLIP_VISION_CONFIG", None)
+    real = comfy.clip_vision.ClipVisionModel(str(Path(comfy.clip_vision.__file__).with_name("clip_vision_config_h.json")))
+    check_comfy_clip_vision(real, wan_image_processor())
+    print("real ViT-H config accepted:", real.image_size, "layers", len(real.model.vision_model.encoder.layers),
+          "width", real.model.vision_model.post_layernorm.weight.shape[0])
+    del real
+    os.environ["PT_TINY_CLIP_VISION_CONFIG"] = config_json
 
     spec = importlib.util.spec_from_file_location(
         "comfy_tiny_clip_vision", Path(__file__).with_name("comfy_tiny_clip_vision") / "__init__.py")

@@ -121,6 +121,7 @@ def test_comfyui_clip_vision_gives_the_family_image_embeddings(models):
     out = _run([models["python"], HERE / "comfy_clip_vision_encode.py", vision["comfy_file"], vision["comfy_config"],
                 work / "clip_vision", work / "frames.safetensors", work / "comfy_image.safetensors"], models["root"])
     assert "CLIPVisionModelProjection" in out and "layers 32" in out, out  # ComfyUI's own class, ViT-H detected
+    assert "real ViT-H config accepted: 224 layers 32 width 1280" in out, out  # clip_vision_h passes the check
     comfy = load_file(str(work / "comfy_image.safetensors"))
     scale = comfy["family"].abs().max().item()
 
