@@ -108,10 +108,14 @@ def clip_model():
 
 
 def test_adapter_gives_the_family_image_embeddings(clip_model):
-    from transformers import CLIPImageProcessor
+    import transformers
+
+    from trainer.families.wan21_i2v import clip_image_processor_class
 
     processor = wan_image_processor()
-    assert isinstance(processor, CLIPImageProcessor)  # the class the family loads from a folder
+    assert type(processor) is clip_image_processor_class()  # the class the family loads from a folder
+    # PIL's resize whether or not torchvision is installed (transformers 5 would pick torchvision in ComfyUI)
+    assert type(processor) is getattr(transformers, "CLIPImageProcessorPil", transformers.CLIPImageProcessor)
     images = uint8_images(1)
     inputs = processor(images=images, return_tensors="pt")
     with torch.no_grad():

@@ -33,9 +33,9 @@ WAN_I2V_IMAGE_PROCESSOR = Path(__file__).resolve().parents[1] / "configs" / "wan
 
 def wan_image_processor(folder: str | Path = WAN_I2V_IMAGE_PROCESSOR):
     """The CLIPImageProcessor of the Wan 2.1 I2V release (the class the family loads from a folder)."""
-    from transformers import CLIPImageProcessor
+    from ..families.wan21_i2v import clip_image_processor_class
 
-    return CLIPImageProcessor.from_pretrained(str(folder))
+    return clip_image_processor_class().from_pretrained(str(folder))
 
 
 def processor_input_size(processor) -> tuple[int, int]:

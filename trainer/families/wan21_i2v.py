@@ -204,13 +204,22 @@ def first_frame_images(pixels: torch.Tensor) -> list:
     return [frame.permute(1, 2, 0).cpu().numpy() for frame in frames]
 
 
+def clip_image_processor_class():
+    """The PIL CLIPImageProcessor whatever is installed. transformers 5 picks a torchvision backend when
+    torchvision is there (ComfyUI's environment) and PIL otherwise; their resizes differ by up to 0.05 in the
+    image embedding, so the same clip would train on different embeddings in ComfyUI and on the CLI."""
+    import transformers
+
+    return getattr(transformers, "CLIPImageProcessorPil", None) or transformers.CLIPImageProcessor
+
+
 def load_image_encoder(path: str, family) -> None:
     """The CLIP vision tower (float32: it runs once per item, then is cached) and its image processor."""
-    from transformers import CLIPImageProcessor, CLIPVisionModel
+    from transformers import CLIPVisionModel
 
     try:
         encoder = CLIPVisionModel.from_pretrained(path, subfolder="image_encoder", torch_dtype=torch.float32)
-        processor = CLIPImageProcessor.from_pretrained(path, subfolder="image_processor")
+        processor = clip_image_processor_class().from_pretrained(path, subfolder="image_processor")
     except (OSError, ValueError) as e:
         raise ModelError(f"{path}: cannot load the image encoder / image processor: {e}") from e
     encoder.requires_grad_(False)
