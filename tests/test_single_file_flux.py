@@ -387,3 +387,53 @@ def test_flux_family_defers_to_external_encoders(tiny_flux_path):
         assert set(b) == {"encoder_hidden_states", "pooled_projections"}
         assert torch.allclose(a["encoder_hidden_states"], b["encoder_hidden_states"], atol=1e-6)
         assert torch.allclose(a["pooled_projections"], b["pooled_projections"], atol=1e-6)
+
+
+class _FakeComfyVae:
+    """ComfyUI's VAE.encode contract (images [B, H, W, 3] in [0, 1] -> the raw posterior mode), backed by a
+    diffusers AutoencoderKL."""
+
+    latent_channels, latent_dim = 16, 2
+
+    def __init__(self, vae):
+        self.vae = vae
+
+    def encode(self, images):
+        with torch.no_grad():
+            return self.vae.encode(images.permute(0, 3, 1, 2) * 2 - 1).latent_dist.mode()
+
+
+def test_training_from_file_with_comfy_style_encoders_matches_the_folder(tiny_file, tiny_flux_path, tmp_path):
+    """What the Train node does with a Flux file and ComfyUI's CLIP + VAE: no encoders_from, no vae_file."""
+    from PIL import Image
+
+    from trainer.comfy_encoders import for_family
+
+    path, _ = tiny_file
+    data = tmp_path / "images"
+    data.mkdir()
+    for i in range(2):
+        rng = torch.Generator().manual_seed(10 + i)
+        Image.fromarray((torch.rand(32, 48, 3, generator=rng) * 255).byte().numpy()).save(data / f"{i}.png")
+        write_caption(data / f"{i}.png", f"a (bright) pattern {i}")
+
+    def job(name):
+        return parse_job({
+            "job": name, "output_dir": str(tmp_path / name),
+            "model": {"family": "flux", "path": str(tiny_flux_path), "dtype": "fp32"},
+            "datasets": [{"folder_path": str(data), "resolution": [32]}],
+            "network": {"linear": 4, "linear_alpha": 4},
+            "train": {"steps": 6, "batch_size": 1, "lr": 1e-3, "seed": 4},
+            "save": {"every": 100, "resume": "none"},
+        })
+
+    folder_run = train(job("folder"))
+    own = Flux.load(str(tiny_flux_path), torch.float32)
+    encoders = for_family("flux", _FakeComfyClip(own), _FakeComfyVae(own.loaded.vae))
+    single = load_single_file(path, torch.float32, config=tiny_flux_path, encoders=encoders, family="flux")
+    assert single.loaded.text_encoders == [] and single.loaded.vae is None and single.resolution_factor == 16
+    file_run = train(job("file"), family=single)
+    assert encoders.encode_prompts is None and encoders.objects == []  # released once everything was cached
+    losses = [[r["loss"] for r in run.records] for run in (folder_run, file_run)]
+    assert len(losses[0]) == 6
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5, abs=1e-7)
