@@ -86,7 +86,9 @@ class LoadTrainingModelFile(io.ComfyNode):
                         "detected from the weights' shapes; Wan 2.2 A14B is two files: the high-noise expert here "
                         "and the low-noise one as low_noise_file. A Wan file holds only the diffusion model: "
                         "connect ComfyUI's CLIP (umt5, CLIPLoader type wan) and VAE (Wan 2.1; Wan 2.2 VAE for "
-                        "TI2V-5B) to the Train node for the text and pixel encoding. "
+                        "TI2V-5B) to the Train node for the text and pixel encoding. A FLUX.1 dev / schnell file "
+                        "(flux1-dev.safetensors) likewise needs ComfyUI's CLIP (DualCLIPLoader type flux: clip_l + "
+                        "t5xxl) and VAE (ae.safetensors). "
                         "An SD 1.5 checkpoint brings its own CLIP and VAE (ComfyUI's CLIP tokenizer files are "
                         "used); SDXL and SD 2 checkpoints are not supported as single files yet.",
             inputs=[
