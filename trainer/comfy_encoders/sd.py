@@ -23,6 +23,9 @@ What the pipelines feed the UNet, and how ComfyUI differs (ComfyUI v0.8.0, comfy
   to [-1, 1] itself) and returns the posterior mean (DiagonalGaussianRegularizer with sample=False), unscaled:
   ComfyUI applies the latent format's scale factor when sampling. The families' latents are that mean times
   the VAE's scaling_factor, which is ComfyUI's latent_formats scale factor (SD15 0.18215, SDXL 0.13025).
+- Precision: ComfyUI's CLIP computes in float32 from its fp16 weights (the family's text encoders compute in the
+  training dtype). Its VAE runs in float32 on a CPU but in bfloat16 on most GPUs (ComfyUI's --fp32-vae forces
+  float32), and the latents then agree with the family's float32 VAE within bfloat16 rounding only.
 """
 
 from __future__ import annotations
