@@ -87,3 +87,66 @@ def test_loras_of_wan22_single_files_load_in_comfyui_on_the_files(family_name, c
                                                        expert=expert)
         print(family_name, expert, result["model_config"], result["patches_applied"], "patches, not loaded",
               len(result["not_loaded"]), "worst", worst)
+
+
+# ---------------------------------------------------------------------------------------------- a graph of files
+
+from tests.e2e.test_comfyui_single_file import (  # noqa: E402,F401  (the tiny umt5 / Wan 2.1 VAE ComfyUI setup)
+    _graph,
+    _losses,
+    _start,
+    _with_defaults,
+    models,
+)
+
+HIGH_FILE, LOW_FILE = "wan2.2_t2v_high_noise_tiny.safetensors", "wan2.2_t2v_low_noise_tiny.safetensors"
+A14B_FOLDER = "tiny-wan22-a14b-diffusers"
+
+
+def test_graph_of_an_a14b_expert_pair_trains_like_the_diffusers_folder(models):
+    """Load Training Model (ComfyUI file) with model_file = the high-noise expert and low_noise_file = the
+    low-noise one, ComfyUI's CLIP and VAE: the same loss curve as the A14B diffusers folder of the same weights,
+    and both expert LoRAs load on their expert files in ComfyUI with 0 keys not loaded."""
+    import json
+    import shutil
+
+    from tests.e2e.tiny_models import save_safetensors, tiny_wan_transformer, wan_native_state_dict
+
+    base = models["base"]
+    high, low = tiny_wan_transformer(seed=10), tiny_wan_transformer(seed=11)
+    for model, name in ((high, HIGH_FILE), (low, LOW_FILE)):
+        save_safetensors(wan_native_state_dict(model), base / "models" / "diffusion_models" / name)
+    folder = base / "models" / "diffusers" / A14B_FOLDER
+    shutil.copytree(models["folder"], folder)
+    shutil.rmtree(folder / "transformer")
+    high.save_pretrained(folder / "transformer")
+    low.save_pretrained(folder / "transformer_2")
+    index = json.loads((folder / "model_index.json").read_text())
+    index.update(transformer_2=["diffusers", "WanTransformer3DModel"], boundary_ratio=0.875)
+    (folder / "model_index.json").write_text(json.dumps(index))
+
+    file_model = {"class_type": "PhaseTrainerLoadModelFile", "inputs": {
+        "model_file": f"diffusion_models/{HIGH_FILE}", "low_noise_file": f"diffusion_models/{LOW_FILE}",
+        "dtype": "fp32", "config": str(folder / "transformer" / "config.json")}}
+    folder_model = {"class_type": "PhaseTrainerLoadModel", "inputs": {
+        "family": "wan22_14b", "diffusers_folder": A14B_FOLDER, "dtype": "fp32"}}
+    with _start(models) as server:
+        info = server.object_info()
+        options = info["PhaseTrainerLoadModelFile"]["input"]["optional"]["low_noise_file"]
+        assert f"diffusion_models/{LOW_FILE}" in json.dumps(options)
+        server.run_prompt(_with_defaults(_graph(file_model, job="a14b_files", encoders=True), info), timeout=900)
+        server.run_prompt(_with_defaults(_graph(folder_model, job="a14b_folder", encoders=False), info),
+                          timeout=900)
+    files_curve, folder_curve = _losses(base, "a14b_files"), _losses(base, "a14b_folder")
+    print("A14B loss from ComfyUI files:", files_curve)
+    print("A14B loss from diffusers folder:", folder_curve)
+    worst = max(abs(a - b) for a, b in zip(files_curve, folder_curve))
+    print(f"max |loss difference| {worst:.3e}")
+    assert len(files_curve) == len(folder_curve) == 6 and worst < 1e-4 * max(1.0, max(folder_curve)), worst
+    loras = base / "models" / "loras"
+    for expert, model_file in (("high_noise", HIGH_FILE), ("low_noise", LOW_FILE)):
+        (lora,) = [p for p in loras.glob(f"a14b_files*_{expert}.safetensors") if "_step" not in p.name]
+        result = comfy_env.probe(base / "models" / "diffusion_models" / model_file, lora)
+        print(expert, lora.name, result["model_config"], result["patches_applied"], "patches,",
+              len(result["not_loaded"]), "not loaded")
+        assert result["not_loaded"] == [] and result["not_patched"] == [] and result["patches_applied"] > 0
