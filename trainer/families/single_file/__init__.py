@@ -11,8 +11,9 @@ Every loader follows the same three steps:
 3. convert the keys with diffusers' own single-file conversion and load them strictly into the family's
    diffusers model class (every key used, every parameter filled).
 
-One module per file format: ``wan.py`` (Wan transformer files and the Wan VAE), ``sd.py`` (original-format SD
-1.5 / SDXL checkpoints). This module only tells them apart and dispatches.
+One module per file format: ``wan.py`` (Wan transformer files and the Wan VAE; ``wan22.py``: Wan 2.2 A14B expert
+pairs and the Wan 2.2 VAE), ``sd.py`` (original-format SD 1.5 / SDXL checkpoints). This module only tells them
+apart and dispatches.
 """
 
 from __future__ import annotations
