@@ -205,3 +205,25 @@ def test_training_from_checkpoint_equals_training_from_folder(tiny_checkpoint, t
     assert len(losses[0]) == 8 and losses[1] == losses[0]  # same weights, same arithmetic: identical
     for k, v in folder_run.lora_state.items():
         assert torch.equal(v, cli_run.lora_state[k]), k
+
+
+def test_node_spec_finds_the_tokenizer_and_loads(tiny_checkpoint, tiny_sdxl_path, tmp_path):
+    # The Load Training Model (ComfyUI file) node: an SDXL checkpoint has no tokenizer files, so the spec names
+    # ComfyUI's CLIP tokenizer folder (the node passes comfy/sd1_tokenizer as tokenizer_from), checked at once.
+    from trainer import comfy_bridge as cb
+
+    configs_only = tmp_path / "configs_only"
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2", "scheduler"):
+        (configs_only / name).mkdir(parents=True)
+        for f in (tiny_sdxl_path / name).glob("*.json"):
+            (configs_only / name / f.name).write_bytes(f.read_bytes())
+    with pytest.raises(ModelError, match="holds no tokenizer files"):  # at the load node, not at Train time
+        cb.single_file_model(tiny_checkpoint, "fp32", str(configs_only))
+    comfy_copy = tmp_path / "sd1_tokenizer"
+    comfy_copy.mkdir()
+    for f in (tiny_sdxl_path / "tokenizer").iterdir():
+        (comfy_copy / f.name).write_bytes(f.read_bytes())
+    spec = cb.single_file_model(tiny_checkpoint, "fp32", str(configs_only), tokenizer_from=comfy_copy)
+    assert spec["family"] == "sdxl" and spec["encoders_from"] == str(comfy_copy)
+    family = cb.load_model_for_nodes(spec, torch.float32)
+    assert family.name == "sdxl" and family.loaded.tokenizers[1].pad_token == "!"

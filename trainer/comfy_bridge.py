@@ -200,7 +200,7 @@ def single_file_model(path: str | os.PathLike, dtype: str, config: str = "",
             "single_file": {"variant": variant.name, "description": variant.description, "config": config}}
     if low_noise_path is not None:
         spec["low_noise_path"] = str(low_noise_path)
-    if variant.family == "sd15":
+    if variant.family in ("sd15", "sdxl"):  # the checkpoint holds no tokenizer files
         named = config if config is not None and Path(config).expanduser().is_dir() and has_clip_tokenizer(config) \
             else None
         spec["encoders_from"] = str(find_clip_tokenizer(named, tokenizer_from, path))  # ModelError if neither
