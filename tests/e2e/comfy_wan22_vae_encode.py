@@ -4,7 +4,8 @@ and encode the given pixels, and their first frames alone, through trainer.comfy
 the Train node uses).
 
     python comfy_wan22_vae_encode.py OUT_DIR PIXELS.safetensors
-writes OUT_DIR/wan22_vae.safetensors and OUT_DIR/comfy_latents.safetensors ({"latents", "first_frame"}).
+writes OUT_DIR/wan22_vae.safetensors and OUT_DIR/comfy_latents.safetensors ({"latents", "first_frame"}: the
+adapter's; "process_in": ComfyUI's own latent_formats.Wan22 normalization of the raw latents).
 
 ComfyUI builds the Wan 2.2 VAE at the released widths (dim 160, decoder 256) whatever the file holds; a test VAE
 cannot be that size (~700 M parameters), so the one construction comfy.sd makes takes the tiny widths below
@@ -63,5 +64,12 @@ encoders = for_family("wan22_5b", vae=vae)
 pixels = load_file(pixels_file)["pixels"]
 latents = encoders.encode_pixels(pixels)
 first = encoders.encode_pixels(pixels[:, :, :1])
-save_file({"latents": latents.contiguous(), "first_frame": first.contiguous()}, str(out / "comfy_latents.safetensors"))
+# ComfyUI's own normalization of the raw latents (what its sampler feeds a Wan 2.2 model): latent_formats.Wan22
+import comfy.latent_formats  # noqa: E402
+from trainer.comfy_encoders.wan import wan_pixels_to_comfy  # noqa: E402
+
+raw = torch.cat([vae.encode(frames).float() for frames in wan_pixels_to_comfy(pixels)])
+process_in = comfy.latent_formats.Wan22().process_in(raw)
+save_file({"latents": latents.contiguous(), "first_frame": first.contiguous(), "process_in": process_in.contiguous()},
+          str(out / "comfy_latents.safetensors"))
 print("latents", tuple(latents.shape), "first", tuple(first.shape))

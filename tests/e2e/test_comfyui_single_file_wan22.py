@@ -44,6 +44,8 @@ def test_comfyui_wan22_vae_latents_equal_the_ti2v_family_latents(tmp_path):
     ours = family.encode_pixels(pixels, i2v=True)
     assert ours["latents"].shape == comfy["latents"].shape == (2, 48, 3, 2, 4)
     assert ours["first_frame_latents"].shape == comfy["first_frame"].shape == (2, 48, 1, 2, 4)
+    # the adapter's normalization is ComfyUI's own Wan22 latent format's (the statistics of the shipped config)
+    assert torch.allclose(comfy["latents"], comfy["process_in"], atol=1e-6)
     for key, theirs in (("latents", comfy["latents"]), ("first_frame_latents", comfy["first_frame"])):
         diff = (ours[key] - theirs).abs().max().item()
         print(f"{key}: max |comfy - diffusers| {diff:.3e} (std {ours[key].std().item():.3f})")
