@@ -277,7 +277,9 @@ def test_a14b_pair_from_files_equals_the_folder_and_trains_identically(tiny_wan2
     assert not any(p.requires_grad for e in family.experts.values() for p in e.parameters())
     data = clips(tmp_path)
     folder_run = train(job_for(tmp_path, "folder", "wan22_14b", tiny_wan22_14b_path, data), family=reference)
-    file_run = train(job_for(tmp_path, "file", "wan22_14b", tiny_wan22_14b_path, data), family=family)
+    # the job-file path (python -m trainer run): the loop loads the pair itself from model.path + low_noise_path
+    file_run = train(job_for(tmp_path, "file", "wan22_14b", high, data, low_noise_path=str(low),
+                             config=str(tiny_wan22_14b_path / "transformer"), encoders_from=str(tiny_wan22_14b_path)))
     assert [r.get("expert") for r in file_run.records] == ["high_noise"] * 3 + ["low_noise"] * 3
     assert [r["loss"] for r in folder_run.records] == [r["loss"] for r in file_run.records]
     assert set(file_run.lora_paths) == {"high_noise", "low_noise"}

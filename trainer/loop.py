@@ -219,7 +219,8 @@ def _train(job, callbacks, family, training_set, extra_items, lora_path, acceler
 
             m = job.model
             family = load_single_file(m.path, TORCH_DTYPES[m.dtype], device, config=m.config,
-                                      encoders_from=m.encoders_from, vae_file=m.vae_file, family=m.family)
+                                      encoders_from=m.encoders_from, vae_file=m.vae_file, family=m.family,
+                                      low_noise_path=m.low_noise_path)
         else:
             family = family_cls.load(job.model.path, dtype=TORCH_DTYPES[job.model.dtype], device=device)
     if training_set is None:
