@@ -38,6 +38,12 @@ def main(clip_l, t5xxl, ae, captions_json, pixels_file, out, *lengths):
 
     clip = comfy.sd.load_clip(ckpt_paths=[clip_l, t5xxl], clip_type=comfy.sd.CLIPType.FLUX,
                               model_options=json.loads(json.dumps(tiny.COMFY_MODEL_OPTIONS)))
+    # ComfyUI loads text encoders with strict=False: check every tensor of both files really arrived
+    for part, path in (("clip_l", clip_l), ("t5xxl", t5xxl)):
+        model = getattr(clip.cond_stage_model, part).transformer.state_dict()
+        for key, value in load_file(path).items():
+            if key not in model or not torch.equal(model[key].to(value.dtype), value):
+                raise SystemExit(f"ComfyUI did not load {part} tensor {key} from {path}")
     sd, metadata = comfy.utils.load_torch_file(ae, return_metadata=True)
     vae = comfy.sd.VAE(sd=sd, metadata=metadata)
     encoders = for_family("flux", clip, vae)

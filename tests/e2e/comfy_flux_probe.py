@@ -2,9 +2,9 @@
 
 ComfyUI's model detection reads a Flux file's width, block counts and channels from the weights but fixes the
 head count at FLUX.1's 24 (so the head size is 3072 / 24 = 128, the rope axes' 16 + 56 + 56). A test model
-cannot be 3072 wide, so this patch sets the head count to width / 128 for a Flux narrower than FLUX.1 and
-changes nothing else: key detection, the model class, the LoRA key map (comfy.utils.flux_to_diffusers, with the
-width from the same config) and the patching are ComfyUI's.
+cannot be 3072 wide, so tests/e2e/comfy_tiny_flux sets the head count to width / 128 for a Flux narrower than
+FLUX.1 and changes nothing else: key detection, the model class, the LoRA key map (comfy.utils.flux_to_diffusers,
+with the width from the same config) and the patching are ComfyUI's.
 
     python comfy_flux_probe.py MODEL LORA [LORA ...] [probe_lora_keys.py options]
 """
@@ -20,19 +20,9 @@ import comfy.cli_args  # noqa: E402
 
 comfy.cli_args.args.cpu = True  # before model_management is imported: no accelerator probing
 
-import comfy.model_detection  # noqa: E402
-
-_detect = comfy.model_detection.detect_unet_config
-
-
-def _detect_narrow_flux(state_dict, key_prefix, *args, **kwargs):
-    config = _detect(state_dict, key_prefix, *args, **kwargs)
-    if isinstance(config, dict) and config.get("image_model") == "flux" and config.get("hidden_size", 3072) < 3072:
-        config["num_heads"] = config["hidden_size"] // 128
-    return config
-
-
-comfy.model_detection.detect_unet_config = _detect_narrow_flux
+pack = importlib.util.spec_from_file_location("comfy_tiny_flux", Path(__file__).with_name("comfy_tiny_flux")
+                                              / "__init__.py")
+pack.loader.exec_module(importlib.util.module_from_spec(pack))  # the narrow-Flux head count, see its docstring
 
 spec = importlib.util.spec_from_file_location("probe_lora_keys", Path(__file__).with_name("probe_lora_keys.py"))
 probe = importlib.util.module_from_spec(spec)

@@ -3,8 +3,8 @@
 What a FLUX.1 user has, at test size:
 - ``clip_l.safetensors`` (CLIP ViT-L text tower under Hugging Face names + text_projection, fp16) and
   ``t5xxl.safetensors`` (T5 v1.1 encoder under Hugging Face names, fp16), for DualCLIPLoader type flux. ComfyUI
-  builds them from its fixed sd1_clip_config.json / t5_config_xxl.json, whose sizes its own
-  ``model_options["clip_l_model_config"]`` / ``["t5xxl_model_config"]`` override (`COMFY_MODEL_OPTIONS`); the
+  builds them from its fixed sd1_clip_config.json / t5_config_xxl.json, whose sizes its own model_options
+  override (`COMFY_MODEL_OPTIONS`: clip_l's through "model_config", t5xxl's through "t5xxl_model_config"); the
   vocabularies stay the real ones (49408 / 32128) because ComfyUI's tokenizers are the real ones. The weights are
   rounded to fp16, as ComfyUI stores text encoders on CPU, so both sides compute in float32 from equal weights.
 - ``ae.safetensors``: the FLUX.1 VAE at its released size (ComfyUI fixes the widths 128..512), random, in BFL's
@@ -25,7 +25,9 @@ from safetensors.torch import save_file
 
 CLIP = dict(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_hidden_layers=2)
 T5 = dict(d_model=32, d_kv=8, num_heads=2, d_ff=64, num_layers=2)
-COMFY_MODEL_OPTIONS = {"clip_l_model_config": dict(CLIP), "t5xxl_model_config": dict(T5)}
+# ComfyUI's load_clip rebuilds "clip_l_model_config" from "model_config" plus the file's position count
+# (comfy/text_encoders/long_clipl.py), so the CLIP sizes go in "model_config".
+COMFY_MODEL_OPTIONS = {"model_config": dict(CLIP), "t5xxl_model_config": dict(T5)}
 TRANSFORMER = dict(patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=128,
                    num_attention_heads=2, joint_attention_dim=T5["d_model"], pooled_projection_dim=CLIP["hidden_size"],
                    guidance_embeds=True, axes_dims_rope=(16, 56, 56))
@@ -73,7 +75,9 @@ def build(out: Path, comfy_root: Path, seed: int = 0) -> dict[str, Path]:
 
     files = {"folder": folder, "clip_l": out / "clip_l.safetensors", "t5xxl": out / "t5xxl.safetensors",
              "ae": out / "ae.safetensors", "flux": out / "flux_tiny.safetensors"}
-    clip_sd = {k: v.half().contiguous() for k, v in clip.state_dict().items()}
+    # ComfyUI's clip_l files keep Hugging Face's text_model. prefix (transformers 5 saves the tower without it)
+    clip_sd = {("" if k.startswith("text_model.") else "text_model.") + k: v.half().contiguous()
+               for k, v in clip.state_dict().items()}
     clip_sd["text_projection.weight"] = torch.randn(CLIP["hidden_size"], CLIP["hidden_size"]).half()
     save_file(clip_sd, str(files["clip_l"]))
     save_file({k: v.half().contiguous() for k, v in t5.state_dict().items() if k != "encoder.embed_tokens.weight"},

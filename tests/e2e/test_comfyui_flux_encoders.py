@@ -6,7 +6,10 @@ tests/test_single_file_flux.py):
   T5 hidden states padded to max_sequence_length, CLIP-L pooled output, (z - shift) * scale latents);
 - a Flux file in BFL's layout loads through the Load Training Model (ComfyUI file) node's path
   (comfy_bridge.single_file_model / load_model_for_nodes) bit for bit, and the LoRA the trainer exports for it
-  applies to the same file in ComfyUI with no ignored key and exactly the intended weight change.
+  applies to the same file in ComfyUI with no ignored key and exactly the intended weight change;
+- in a running ComfyUI, a graph of ComfyUI files only (the Flux file, DualCLIPLoader flux, VAELoader) trains a
+  LoRA with the same loss curve as the diffusers folder of the same weights, and UNETLoader + LoraLoaderModelOnly
+  load it onto the same file with no "lora key not loaded".
 
 The weights: tests/e2e/flux_tiny_models.py."""
 
@@ -34,12 +37,30 @@ CAPTIONS = [
 LENGTHS = (512, 64)  # the family's default; a short one that truncates the long caption
 
 
+REPO = HERE.parents[1]
+IMAGES = "flux_images"
+
+
 @pytest.fixture(scope="module")
 def flux(tmp_path_factory):
+    """The tiny weights (flux_tiny_models.build), also placed in a ComfyUI base dir for the server test."""
     root, _ = comfy_env.require_comfyui()
-    from tests.e2e.flux_tiny_models import build
+    from tests.e2e.flux_tiny_models import COMFY_MODEL_OPTIONS, build
+    from tests.e2e.test_comfyui_nodes import make_image_folder
 
-    return build(tmp_path_factory.mktemp("flux_e2e"), Path(root))
+    work = tmp_path_factory.mktemp("flux_e2e")
+    files = build(work, Path(root))
+    base = comfy_env.prepare_base_dir(work / "base", {"phase-trainer": REPO,
+                                                      "comfy_tiny_flux": HERE / "comfy_tiny_flux"})
+    for sub, name in (("diffusion_models", "flux"), ("text_encoders", "clip_l"), ("text_encoders", "t5xxl"),
+                      ("vae", "ae")):
+        (base / "models" / sub).mkdir(parents=True, exist_ok=True)
+        (base / "models" / sub / files[name].name).symlink_to(files[name])
+    (base / "models" / "diffusers").mkdir(parents=True, exist_ok=True)
+    (base / "models" / "diffusers" / files["folder"].name).symlink_to(files["folder"])
+    make_image_folder(base / "input" / IMAGES, count=2, size=32)
+    (work / "te_options.json").write_text(json.dumps(COMFY_MODEL_OPTIONS))
+    return {**files, "base": base, "te_options": work / "te_options.json"}
 
 
 def _comfy_encode(flux, tmp_path, pixels):
@@ -137,3 +158,54 @@ def test_flux_file_through_the_node_path_and_its_lora_in_comfyui(flux, tmp_path)
     print(f"ComfyUI applied {len(expected)} LoRA modules to {len(fused)} weights, 0 ignored; "
           f"max |delta - ours| {worst:.2e}")
     assert worst < 1e-6
+
+
+def _train_prompt(model_node: dict, job: str, comfy_encoders: bool, flux: dict) -> dict:
+    prompt = {
+        "1": model_node,
+        "2": {"class_type": "PhaseTrainerImageFolderDataset", "inputs": {
+            "folder": IMAGES, "resolution": "32", "trigger_word": "", "caption_ext": "txt", "default_caption": "",
+            "caption_dropout_rate": 0.0, "num_repeats": 1}},
+        "3": {"class_type": "PhaseTrainerLoRANetwork", "inputs": {"linear": 4, "linear_alpha": 4, "conv": 0,
+                                                                  "conv_alpha": 0}},
+        "4": {"class_type": "PhaseTrainerTrain", "inputs": {
+            "model": ["1", 0], "dataset": ["2", 0], "network": ["3", 0], "job_name": job,
+            "steps": 4, "learning_rate": 1e-3, "optimizer": "adamw", "lr_scheduler": "constant",
+            "warmup_steps": 0, "batch_size": 2, "gradient_accumulation": 1, "seed": 7, "save_every": 10,
+            "resume": False, "gradient_checkpointing": False}},
+    }
+    if comfy_encoders:
+        prompt["5"] = {"class_type": "DualCLIPLoader", "inputs": {
+            "clip_name1": flux["clip_l"].name, "clip_name2": flux["t5xxl"].name, "type": "flux", "device": "default"}}
+        prompt["6"] = {"class_type": "VAELoader", "inputs": {"vae_name": flux["ae"].name}}
+        prompt["4"]["inputs"].update({"clip": ["5", 0], "vae": ["6", 0]})
+    return prompt
+
+
+def test_graph_of_comfyui_flux_files_trains_like_the_folder_and_the_lora_loads_back(flux, monkeypatch):
+    from tests.e2e.test_comfyui_single_file_sd15 import run_training
+
+    base = flux["base"]
+    loras = base / "models" / "loras"
+    config = flux["folder"] / "transformer" / "config.json"  # tiny size: no released variant matches
+    file_model = {"class_type": "PhaseTrainerLoadModelFile", "inputs": {
+        "model_file": f"diffusion_models/{flux['flux'].name}", "dtype": "fp32", "config": str(config)}}
+    folder_model = {"class_type": "PhaseTrainerLoadModel", "inputs": {
+        "family": "flux", "diffusers_folder": flux["folder"].name, "dtype": "fp32"}}
+    monkeypatch.setenv("PT_TINY_FLUX_TE", str(flux["te_options"]))  # read by the server's comfy_tiny_flux
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    with comfy_env.start_server(base) as server:
+        lora, from_files = run_training(server, _train_prompt(file_model, "flux_from_files", True, flux), loras)
+        _, from_folder = run_training(server, _train_prompt(folder_model, "flux_from_folder", False, flux), loras)
+        server.run_prompt({
+            "1": {"class_type": "UNETLoader", "inputs": {"unet_name": flux["flux"].name, "weight_dtype": "default"}},
+            "2": {"class_type": "LoraLoaderModelOnly", "inputs": {"model": ["1", 0], "lora_name": lora.name,
+                                                                  "strength_model": 1.0}},
+            "3": {"class_type": "ModelSave", "inputs": {"model": ["2", 0], "filename_prefix": "flux_merged"}},
+        }, timeout=900)
+        log = server.log()
+    print(f"losses from ComfyUI files: {from_files}; from the diffusers folder: {from_folder}")
+    assert len(from_files) == len(from_folder) == 4 and len(set(from_folder)) > 1
+    assert torch.allclose(torch.tensor(from_files), torch.tensor(from_folder), rtol=1e-4, atol=1e-6)
+    assert "lora key not loaded" not in log, [line for line in log.splitlines() if "not loaded" in line][:5]
+    assert list((base / "output").glob("flux_merged*.safetensors"))
