@@ -216,6 +216,13 @@ def test_missing_or_extra_tensors_are_named(tiny_file, tiny_flux_path, tmp_path)
     save_file({**state, "model.diffusion_model.lora_unet_x.alpha": torch.ones(())}, str(extra))
     with pytest.raises(ModelError, match=r"1 unexpected \(e.g. \['model.diffusion_model.lora_unet_x.alpha'\]"):
         load_single_file(extra, torch.float32, config=tiny_flux_path, encoders_from=tiny_flux_path)
+    # a ComfyUI Flux checkpoint (models/checkpoints): the transformer is read, the bundled encoders are not
+    checkpoint = tmp_path / "flux1-dev-checkpoint.safetensors"
+    save_file({**state, "text_encoders.clip_l.transformer.text_model.final_layer_norm.weight": torch.ones(4),
+               "vae.decoder.conv_in.weight": torch.ones(4, 16, 3, 3)}, str(checkpoint))
+    assert detect_variant(checkpoint, config=tiny_flux_path).family == "flux"
+    family = load_single_file(checkpoint, torch.float32, config=tiny_flux_path, encoders_from=tiny_flux_path)
+    assert torch.equal(family.denoiser.x_embedder.weight, state["model.diffusion_model.img_in.weight"])
     missing = tmp_path / "missing.safetensors"
     save_file({k: v for k, v in state.items() if "txt_mlp.2" not in k}, str(missing))
     with pytest.raises(ModelError, match="key is missing: 'double_blocks.0.txt_mlp.2.weight'"):
@@ -381,6 +388,12 @@ def test_flux_family_defers_to_external_encoders(tiny_flux_path):
     own = family.encode_prompts(captions)
     with pytest.raises(ValueError, match="CLIP Set Last Layer"):
         for_family("flux", _FakeComfyClip(family, layer_idx=-2))
+    long_clip = _FakeComfyClip(family)
+    long_clip.tokenizer.clip_l.max_length = 248
+    with pytest.raises(ValueError, match="takes 248 tokens \\(a long-CLIP file\\)"):
+        for_family("flux", long_clip)
+    with pytest.raises(ValueError, match="16-channel image VAE"):
+        for_family("flux", vae=type("SDVae", (), {"latent_channels": 4})())
     family.loaded.extra["external_encoders"] = for_family("flux", _FakeComfyClip(family))
     external = family.encode_prompts(captions)
     for a, b in zip(own, external):

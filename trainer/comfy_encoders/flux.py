@@ -131,6 +131,10 @@ def comfy_flux_encoders(clip: Any = None, vae: Any = None, *, clip_vision: Any =
         if getattr(clip, "layer_idx", None) is not None:
             raise ValueError("the CLIP has a 'CLIP Set Last Layer' setting, which changes T5's output; FluxPipeline "
                              "uses the last layer: connect the CLIP without it")
+        positions = getattr(getattr(getattr(clip, "tokenizer", None), "clip_l", None), "max_length", CLIP_MAX_LENGTH)
+        if positions != CLIP_MAX_LENGTH:
+            raise ValueError(f"the CLIP's clip_l takes {positions} tokens (a long-CLIP file); FLUX.1 uses the "
+                             f"{CLIP_MAX_LENGTH}-token CLIP-L (clip_l.safetensors)")
         found = clip.tokenize("")
         if not all(k in found for k in COMFY_FLUX_TOKEN_KEYS):
             raise ValueError(f"the CLIP gives tokens for {sorted(found)}, not Flux's clip_l + t5xxl; load it with "
