@@ -100,12 +100,7 @@ def released_shapes(variant_name: str, prefix: str = "") -> dict:
     variant = next(v for v in known_flux_variants() if v.name == variant_name)
     with init_empty_weights():
         model = FluxTransformer2DModel.from_config({k: v for k, v in variant.config.items() if not k.startswith("_")})
-    return {k: tuple(v.shape) for k, v in bfl_state_dict_shapes(model, prefix).items()}
-
-
-def bfl_state_dict_shapes(model, prefix):
-    """bfl_state_dict on the meta device (cat and chunk work on meta tensors)."""
-    return bfl_state_dict(model, prefix)
+    return {k: tuple(v.shape) for k, v in bfl_state_dict(model, prefix).items()}  # cat / chunk work on meta
 
 
 @pytest.fixture(scope="module")
