@@ -19,9 +19,9 @@ from trainer.comfy_encoders.sd import (
     SDXL_TOWERS,
     check_clip_layer,
     clip_tokens_for_pipeline,
-    comfy_literal_text,
+    escape_comfy_weights,
     scale_sd_latents,
-    sd_pixels_to_comfy,
+    still_images_to_comfy,
     sd_text_from_comfy,
 )
 from trainer.families import get_family
@@ -44,13 +44,13 @@ def comfy_chunks(ids: list[int], start: int, end: int, pad: int, length: int = 7
 
 
 def test_literal_text_escapes_brackets_so_comfyui_reads_them_back():
-    assert comfy_literal_text("a (red:1.2) car") == r"a \(red:1.2\) car"
+    assert escape_comfy_weights("a (red:1.2) car") == r"a \(red:1.2\) car"
     # ComfyUI reads '\(' as '(' and keeps other backslashes: a caption's own '\(' must become '\\('
-    assert comfy_literal_text(r"smile \(x\) a\b") == r"smile \\(x\\) a\b"
-    assert comfy_literal_text("[x] {y}: 1.5, embeddings:no") == "[x] {y}: 1.5, embeddings:no"
+    assert escape_comfy_weights(r"smile \(x\) a\b") == r"smile \\(x\\) a\b"
+    assert escape_comfy_weights("[x] {y}: 1.5, embeddings:no") == "[x] {y}: 1.5, embeddings:no"
     for caption in ("embedding:cat on a mat", "a photo of embedding:cat", "line\nembedding:x"):
         with pytest.raises(ValueError, match="textual-inversion embedding"):
-            comfy_literal_text(caption)
+            escape_comfy_weights(caption)
 
 
 @pytest.mark.parametrize("caption", ["", "a red car", "x" * 60 + " and a much longer tail " * 4])
@@ -132,7 +132,7 @@ def test_latent_scale_is_the_vae_configs_and_comfy_vae_means_scale_to_the_family
     family = get_family("sd15").load(str(tiny_sd15_path), dtype=torch.float32)
     torch.manual_seed(0)
     pixels = torch.rand(2, 3, 1, 32, 48) * 2 - 1
-    image = sd_pixels_to_comfy(pixels)
+    image = still_images_to_comfy(pixels)
     assert image.shape == (2, 32, 48, 3) and 0.0 <= float(image.min()) and float(image.max()) <= 1.0
     # what ComfyUI's VAE.encode does with the image: back to [-1, 1] channels-first, the posterior's mean
     with torch.no_grad():
@@ -140,7 +140,7 @@ def test_latent_scale_is_the_vae_configs_and_comfy_vae_means_scale_to_the_family
     ours = family.encode_pixels(pixels)
     assert torch.allclose(scale_sd_latents(raw, "sd15"), ours, atol=1e-5) and ours.std() > 0.01
     with pytest.raises(ValueError, match="still images"):
-        sd_pixels_to_comfy(torch.zeros(1, 3, 5, 8, 8))
+        still_images_to_comfy(torch.zeros(1, 3, 5, 8, 8))
 
 
 # ---------------------------------------------------------------------------------------------- the adapters

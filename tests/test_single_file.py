@@ -241,7 +241,7 @@ def test_node_helpers_list_resolve_and_spec(tiny_native_file, tiny_wan21_path, t
 def test_comfy_text_conversions_match_the_pipeline_conventions():
     from trainer.comfy_encoders import escape_comfy_weights, truncate_comfy_tokens, wan_text_from_comfy
 
-    assert escape_comfy_weights(r"a (red:1.2) car \ x") == r"a \(red:1.2\) car \\ x"
+    assert escape_comfy_weights(r"a (red:1.2) car \ x") == r"a \(red:1.2\) car \ x"
     long = {"umt5xxl": [[(7 + i, 1.0) for i in range(600)] + [(1, 1.0)] + [(0, 1.0)] * 3]}
     tokens, count = truncate_comfy_tokens(long, 512)
     seq = tokens["umt5xxl"][0]

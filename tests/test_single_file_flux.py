@@ -308,24 +308,18 @@ def test_node_spec_for_a_flux_file(tiny_file, tiny_flux_path):
 
 def test_comfy_flux_token_conversions_match_the_pipeline():
     from trainer.comfy_encoders import ADAPTERS
-    from trainer.comfy_encoders.flux import (
-        clip_tokens_like_pipeline,
-        escape_comfy_parens,
-        flux_tokens_like_pipeline,
-    )
+    from trainer.comfy_encoders.conversions import escape_comfy_weights
+    from trainer.comfy_encoders.flux import flux_tokens_like_pipeline
 
     assert ADAPTERS["flux"] == ("flux", "comfy_flux_encoders")
-    assert escape_comfy_parens(r"a (red:1.2) car \ x \(y") == r"a \(red:1.2\) car \ x \\(y"
+    assert escape_comfy_weights(r"a (red:1.2) car \ x \(y") == r"a \(red:1.2\) car \ x \\(y"
     # a long caption as ComfyUI chunks it: 75 tokens per chunk, each chunk start + tokens + end (+ pad)
     ids = list(range(100, 260))
     chunks = [[(49406, 1.0)] + [(t, 1.0) for t in ids[i:i + 75]] + [(49407, 1.0)] for i in range(0, 150, 75)]
     chunks.append([(49406, 1.0)] + [(t, 1.0) for t in ids[150:]] + [(49407, 1.0)] * 67)
-    (seq,) = clip_tokens_like_pipeline(chunks)
-    assert [t[0] for t in seq] == [49406] + ids[:75] + [49407]
-    (short,) = clip_tokens_like_pipeline([[(49406, 1.0, 0), (5, 1.0, 1), (49407, 1.0, 0)] + [(49407, 1.0, 0)] * 74])
-    assert [t[0] for t in short] == [49406, 5] + [49407] * 75 and all(len(t) == 3 for t in short)
     t5 = [[(7, 1.0), (8, 1.0), (9, 1.0), (1, 1.0)] + [(0, 1.0)] * 252]
     out = flux_tokens_like_pipeline({"l": chunks, "t5xxl": t5}, 3)
+    assert [t[0] for t in out["l"][0]] == [49406] + ids[:75] + [49407]  # the chunks joined, cut to one
     assert [t[0] for t in out["t5xxl"][0]] == [7, 8, 1]  # max_length - 1 tokens, then </s>
     out = flux_tokens_like_pipeline({"l": chunks, "t5xxl": t5}, 6)
     assert [t[0] for t in out["t5xxl"][0]] == [7, 8, 9, 1, 0, 0]
@@ -334,10 +328,11 @@ def test_comfy_flux_token_conversions_match_the_pipeline():
 
 
 def test_comfy_flux_tensor_conversions():
-    from trainer.comfy_encoders.flux import flux_latents_from_comfy, flux_pixels_to_comfy, flux_text_from_comfy
+    from trainer.comfy_encoders.conversions import still_images_to_comfy
+    from trainer.comfy_encoders.flux import flux_latents_from_comfy, flux_text_from_comfy
 
     pixels = torch.rand(2, 3, 1, 16, 24) * 2 - 1
-    images = flux_pixels_to_comfy(pixels)
+    images = still_images_to_comfy(pixels)
     assert images.shape == (2, 16, 24, 3) and images.min() >= 0 and images.max() <= 1
     assert torch.allclose(images.permute(0, 3, 1, 2) * 2 - 1, pixels[:, :, 0], atol=1e-6)
     raw = torch.randn(2, 16, 2, 3)

@@ -6,8 +6,7 @@ trainer.comfy_encoders.for_family("flux", clip, vae), the Train node's adapter.
     python comfy_flux_encode.py CLIP_L T5XXL AE CAPTIONS_JSON PIXELS.safetensors OUT.safetensors LENGTH...
 
 OUT gets, per max_sequence_length L and caption i, "h{L}_{i}" [L, d] and "p{L}_{i}" [768-like]; "latents";
-"clip_ids_{i}" / "weights_escape_ids_{i}": the clip_l token ids the adapter encodes, and those ComfyUI would read
-from the caption escaped with trainer.comfy_encoders.escape_comfy_weights (which also doubles backslashes)."""
+"clip_ids_{i}": the clip_l token ids the adapter encodes."""
 
 import json
 import os
@@ -34,7 +33,7 @@ def main(clip_l, t5xxl, ae, captions_json, pixels_file, out, *lengths):
     tiny = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tiny)
     from trainer.comfy_encoders import escape_comfy_weights, for_family
-    from trainer.comfy_encoders.flux import escape_comfy_parens, flux_tokens_like_pipeline
+    from trainer.comfy_encoders.flux import flux_tokens_like_pipeline
 
     clip = comfy.sd.load_clip(ckpt_paths=[clip_l, t5xxl], clip_type=comfy.sd.CLIPType.FLUX,
                               model_options=json.loads(json.dumps(tiny.COMFY_MODEL_OPTIONS)))
@@ -54,10 +53,8 @@ def main(clip_l, t5xxl, ae, captions_json, pixels_file, out, *lengths):
             tensors[f"h{length}_{i}"] = item["encoder_hidden_states"].contiguous()
             tensors[f"p{length}_{i}"] = item["pooled_projections"].contiguous()
     for i, caption in enumerate(captions):
-        ours = flux_tokens_like_pipeline(clip.tokenize(escape_comfy_parens(caption)), 512)["l"][0]
-        other = flux_tokens_like_pipeline(clip.tokenize(escape_comfy_weights(caption)), 512)["l"][0]
+        ours = flux_tokens_like_pipeline(clip.tokenize(escape_comfy_weights(caption)), 512)["l"][0]
         tensors[f"clip_ids_{i}"] = torch.tensor([t[0] for t in ours])
-        tensors[f"weights_escape_ids_{i}"] = torch.tensor([t[0] for t in other])
     tensors["latents"] = encoders.encode_pixels(load_file(pixels_file)["pixels"]).contiguous()
     save_file(tensors, out)
     print("comfy clip:", type(clip.cond_stage_model).__name__, "vae:", type(vae.first_stage_model).__name__,

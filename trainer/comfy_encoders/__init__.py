@@ -47,11 +47,6 @@ class ExternalEncoders:
             self.on_release()
 
 
-def escape_comfy_weights(text: str) -> str:
-    """A caption ComfyUI's tokenizer reads literally: '(' ')' are weight syntax there, '\\' its escape."""
-    return text.replace("\\", "\\\\").replace("(", "\\(").replace(")", "\\)")
-
-
 def module_fingerprint(*modules) -> str:
     """A short hash of modules' classes, parameter names, shapes and a sample of values: names the encoders in
     the latent cache key, so latents cached with one VAE are never reused with another."""
@@ -96,12 +91,12 @@ def for_family(family: str, clip: Any = None, vae: Any = None, clip_vision: Any 
     return getattr(importlib.import_module(f"{__name__}.{module}"), builder)(clip, vae, clip_vision=clip_vision)
 
 
+from .conversions import escape_comfy_weights, truncate_comfy_tokens  # noqa: E402,F401
 from .wan import (  # noqa: E402,F401  (re-exported: the Wan conversions predate the package)
     WAN21_LATENTS_MEAN,
     WAN21_LATENTS_STD,
     comfy_wan_encoders,
     normalize_wan_latents,
-    truncate_comfy_tokens,
     wan_pixels_to_comfy,
     wan_text_from_comfy,
 )

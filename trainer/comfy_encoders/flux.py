@@ -6,14 +6,14 @@ What FluxPipeline feeds the transformer, and how ComfyUI (v0.8.0) differs:
   hidden state (after the final layer norm, not projected) at the first <|endoftext|>. ComfyUI's clip_l pads the
   same way and pools at the same position, but splits a long caption into several 77-token chunks (at word
   boundaries for short words) and takes the pool of the first chunk. So the chunks are joined and cut back to one
-  sequence of the pipeline's 75 real tokens (`clip_tokens_like_pipeline`).
+  sequence of the pipeline's 75 real tokens (`clip_tokens_for_pipeline`).
 - T5-XXL: tokenized to max_sequence_length (at most max_sequence_length - 1 tokens then </s>, padded with
   <pad> = 0), run with no attention mask, last hidden state of every position (padding included). ComfyUI's
   t5xxl tokenizer never truncates and pads to at least 256; its encoder also runs without a mask (Flux's
   T5XXLModel has attention_mask=False) and returns every position. So the tokens are cut and padded to exactly
   max_sequence_length (`truncate_comfy_tokens`, as for Wan) and the output is kept whole.
 - Both tokenizers parse "(word:1.2)" weights; the caption's brackets are escaped so it is read literally
-  (`escape_comfy_parens`: brackets only, see its docstring for why not backslashes).
+  (`escape_comfy_weights`).
 - pixels: ComfyUI's VAE.encode takes images [B, H, W, 3] in [0, 1] and returns the posterior mode [B, 16, h, w]
   (its DiagonalGaussianRegularizer does not sample); the shift and scale of comfy.latent_formats.Flux
   (0.1159, 0.3611) are applied by the model at sampling time, not by the VAE. The pipeline's latents are
@@ -27,50 +27,26 @@ from typing import Any
 import torch
 
 from . import ExternalEncoders, module_fingerprint
-from .wan import truncate_comfy_tokens
+from .conversions import (
+    CLIP_END,
+    CLIP_MAX_LENGTH,
+    CLIP_START,
+    T5_END_TOKEN,
+    T5_PAD_TOKEN,
+    clip_tokens_for_pipeline,
+    escape_comfy_weights,
+    still_images_to_comfy,
+    truncate_comfy_tokens,
+)
 
 # comfy.latent_formats.Flux, and the FLUX.1 VAE config's shift_factor / scaling_factor.
 FLUX_LATENT_SHIFT = 0.1159
 FLUX_LATENT_SCALE = 0.3611
 FLUX_LATENT_CHANNELS = 16
-# CLIP ViT-L's special tokens (ComfyUI's SDTokenizer defaults; FluxPipeline's tokenizer has the same ids).
-CLIP_START_TOKEN = 49406
-CLIP_END_TOKEN = 49407
-CLIP_MAX_LENGTH = 77
-T5_END_TOKEN = 1
-T5_PAD_TOKEN = 0
 COMFY_FLUX_TOKEN_KEYS = ("l", "t5xxl")
 
 
 # ---------------------------------------------------------------------------------------------- pure conversions
-
-
-def escape_comfy_parens(text: str) -> str:
-    """A caption ComfyUI's tokenizers read literally. ComfyUI turns '\\(' and '\\)' into literal brackets before it
-    parses weights and leaves every other backslash as it is, so escaping the brackets alone is exact: a
-    doubled backslash would reach the tokenizer as two backslashes (CLIP tokenizes them as two tokens)."""
-    return text.replace("(", "\\(").replace(")", "\\)")
-
-
-def clip_tokens_like_pipeline(batches: list, max_length: int = CLIP_MAX_LENGTH, start_token: int = CLIP_START_TOKEN,
-                              end_token: int = CLIP_END_TOKEN, pad_token: int = CLIP_END_TOKEN) -> list:
-    """ComfyUI's clip_l tokens (a list of 77-token chunks of (id, weight[, word id]) tuples) as one sequence the way
-    `tokenizer(caption, padding="max_length", max_length=77, truncation=True)` makes it: start, the first
-    max_length - 2 caption tokens across all chunks, end, padding to max_length. Returns [sequence] (one chunk)."""
-    real, tail = [], ()
-    for batch in batches:
-        items = list(batch)
-        if items and len(items[0]) > 2:
-            tail = (0,) * (len(items[0]) - 2)
-        if items and items[0][0] == start_token:
-            items = items[1:]
-        for item in items:
-            if item[0] == end_token:
-                break
-            real.append(tuple(item))
-    sequence = [(start_token, 1.0) + tail] + real[: max_length - 2] + [(end_token, 1.0) + tail]
-    sequence += [(pad_token, 1.0) + tail] * (max_length - len(sequence))
-    return [sequence]
 
 
 def flux_tokens_like_pipeline(tokens: dict, max_sequence_length: int, clip_ids: tuple | None = None) -> dict:
@@ -81,9 +57,10 @@ def flux_tokens_like_pipeline(tokens: dict, max_sequence_length: int, clip_ids: 
     if missing:
         raise ValueError(f"the CLIP gives tokens for {sorted(tokens)}, not Flux's clip_l + t5xxl; load it with "
                          "DualCLIPLoader type flux (clip_l and t5xxl files)")
-    start, end, pad = clip_ids or (CLIP_START_TOKEN, CLIP_END_TOKEN, CLIP_END_TOKEN)
+    start, end, pad = clip_ids or (CLIP_START, CLIP_END, CLIP_END)
     t5, _ = truncate_comfy_tokens({"t5xxl": tokens["t5xxl"]}, max_sequence_length, T5_END_TOKEN, T5_PAD_TOKEN)
-    return {"l": clip_tokens_like_pipeline(tokens["l"], CLIP_MAX_LENGTH, start, end, pad), "t5xxl": t5["t5xxl"]}
+    clip = clip_tokens_for_pipeline({"l": tokens["l"]}, {"l": pad}, CLIP_MAX_LENGTH, start, end)
+    return {"l": clip["l"], "t5xxl": t5["t5xxl"]}
 
 
 def flux_text_from_comfy(cond: torch.Tensor, pooled: torch.Tensor, max_sequence_length: int) -> dict:
@@ -96,13 +73,6 @@ def flux_text_from_comfy(cond: torch.Tensor, pooled: torch.Tensor, max_sequence_
     if pooled is None:
         raise ValueError("the CLIP gave no pooled output: Flux needs clip_l's (DualCLIPLoader type flux)")
     return {"encoder_hidden_states": hidden, "pooled_projections": pooled.reshape(-1)}
-
-
-def flux_pixels_to_comfy(pixels: torch.Tensor) -> torch.Tensor:
-    """[B, 3, 1, H, W] in [-1, 1] -> ComfyUI's IMAGE batch [B, H, W, 3] in [0, 1]."""
-    if pixels.ndim != 5 or pixels.shape[1] != 3 or pixels.shape[2] != 1:
-        raise ValueError(f"pixels must be still images [B, 3, 1, H, W], got {list(pixels.shape)}")
-    return ((pixels[:, :, 0].float() + 1.0) / 2.0).clamp(0.0, 1.0).permute(0, 2, 3, 1).contiguous()
 
 
 def flux_latents_from_comfy(raw: torch.Tensor) -> torch.Tensor:
@@ -149,7 +119,7 @@ def comfy_flux_encoders(clip: Any = None, vae: Any = None, *, clip_vision: Any =
     def encode_prompts(captions: list, max_length: int) -> list:
         out = []
         for caption in captions:
-            tokens = flux_tokens_like_pipeline(clip.tokenize(escape_comfy_parens(caption)), max_length, clip_ids)
+            tokens = flux_tokens_like_pipeline(clip.tokenize(escape_comfy_weights(caption)), max_length, clip_ids)
             cond, pooled = clip.encode_from_tokens(tokens, return_pooled=True)
             item = flux_text_from_comfy(cond.float().cpu(), pooled.float().cpu() if pooled is not None else None,
                                         max_length)
@@ -157,7 +127,7 @@ def comfy_flux_encoders(clip: Any = None, vae: Any = None, *, clip_vision: Any =
         return out
 
     def encode_pixels(pixels: torch.Tensor) -> torch.Tensor:
-        raw = vae.encode(flux_pixels_to_comfy(pixels.cpu()))
+        raw = vae.encode(still_images_to_comfy(pixels.cpu()))
         return flux_latents_from_comfy(raw.float().cpu())
 
     name = identity or module_fingerprint(getattr(clip, "cond_stage_model", None),

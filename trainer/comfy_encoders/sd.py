@@ -14,7 +14,7 @@ What the pipelines feed the UNet, and how ComfyUI differs (ComfyUI v0.8.0, comfy
 - Tokenizing: ComfyUI's tokenizer reads "(word:1.2)" as a weight and "\\(" as a literal bracket, splits a
   caption into 77-token chunks (encoding every chunk and concatenating them: 154 tokens for a long caption) and
   reads "embedding:<name>" as a textual-inversion file. So the caption's brackets are escaped
-  (`comfy_literal_text`), the chunks are joined and cut to the first 75 tokens exactly as the diffusers
+  (`escape_comfy_weights`), the chunks are joined and cut to the first 75 tokens exactly as the diffusers
   tokenizer truncates (`clip_tokens_for_pipeline`), and a caption with a word starting "embedding:" is refused.
 - The layer: CLIPSetLastLayer changes which layer ComfyUI's CLIP returns. The pipelines (and the families' own
   encoders) use one fixed layer and have no clip_skip, so a CLIP set to another layer is refused with an
@@ -30,16 +30,19 @@ What the pipelines feed the UNet, and how ComfyUI differs (ComfyUI v0.8.0, comfy
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import torch
 
 from . import ExternalEncoders, module_fingerprint
+from .conversions import (
+    CLIP_END,
+    CLIP_MAX_LENGTH,
+    clip_tokens_for_pipeline,
+    escape_comfy_weights,
+    still_images_to_comfy,
+)
 
-CLIP_START = 49406
-CLIP_END = 49407
-CLIP_MAX_LENGTH = 77
 # ComfyUI's token key -> the pad id its tokenizer (and the matching diffusers tokenizer) pads with
 SD15_TOWERS = {"l": CLIP_END}
 SDXL_TOWERS = {"g": 0, "l": CLIP_END}  # SDXL's tokenizer_2 / ComfyUI's clip_g pad with "!" (id 0)
@@ -47,59 +50,9 @@ SDXL_TOWERS = {"g": 0, "l": CLIP_END}  # SDXL's tokenizer_2 / ComfyUI's clip_g p
 # never set). SD 1.5: -1 is the last layer, layer-normed like ComfyUI's default "last"; SDXL: -2 is its default.
 PIPELINE_CLIP_LAYERS = {"sd15": (None, -1), "sdxl": (None, -2)}
 LATENT_SCALE = {"sd15": 0.18215, "sdxl": 0.13025}  # the VAE configs' scaling_factor = comfy latent_formats
-_EMBEDDING_WORD = re.compile(r"(?:^|[ \n])embedding:")
 
 
 # ---------------------------------------------------------------------------------------------- pure conversions
-
-
-def comfy_literal_text(text: str) -> str:
-    """`text` escaped so ComfyUI's tokenizer reads it literally: every '(' / ')' gets a backslash. ComfyUI
-    turns '\\(' into '(' and leaves any other backslash alone, so a caption's own '\\(' becomes '\\\\(', which it
-    reads back as '\\('. ValueError for a word starting 'embedding:', which it would replace by an embedding file."""
-    if _EMBEDDING_WORD.search(text):
-        raise ValueError(f"caption {text[:80]!r} has a word starting 'embedding:', which ComfyUI's tokenizer reads "
-                         "as a textual-inversion embedding file; reword that caption or disconnect the CLIP input")
-    return text.replace("(", "\\(").replace(")", "\\)")
-
-
-def clip_tokens_for_pipeline(tokens: dict, towers: dict[str, int], max_length: int = CLIP_MAX_LENGTH,
-                             start: int = CLIP_START, end: int = CLIP_END) -> dict:
-    """ComfyUI's tokens ({key: [chunk, ...]}, each chunk [(id, weight[, word id]), ...] = <start> real... <end>
-    pad...) -> one chunk per key as the diffusers tokenizer gives with padding="max_length", truncation=True:
-    <start>, the caption's first max_length - 2 tokens, <end>, padded with that tower's pad id to max_length.
-
-    `towers`: {key: pad id} the family's CLIP must have (ValueError naming the keys otherwise: another model's
-    CLIP). ValueError for a weight other than 1.0 or an embedding tensor (the caption must come through
-    `comfy_literal_text`)."""
-    if set(tokens) != set(towers):
-        raise ValueError(f"the CLIP gives token streams {sorted(tokens)}, this family's text encoders are "
-                         f"{sorted(towers)}: connect the CLIP of the same checkpoint (CheckpointLoaderSimple)")
-    out = {}
-    for key, pad in towers.items():
-        real = []
-        for chunk in tokens[key]:
-            ids = list(chunk)
-            if ids and _token_id(ids[0]) == start:
-                ids = ids[1:]
-            for item in ids:
-                if _token_id(item) == end:
-                    break  # the rest of the chunk is padding
-                if len(item) > 1 and float(item[1]) != 1.0:
-                    raise ValueError(f"token weight {item[1]} in the {key} tokens: the caption was read as weight "
-                                     "syntax; escape it with comfy_literal_text")
-                real.append(_token_id(item))
-        seq = [start] + real[: max_length - 2] + [end]
-        seq += [pad] * (max_length - len(seq))
-        out[key] = [[(t, 1.0) for t in seq]]
-    return out
-
-
-def _token_id(item) -> int:
-    token = item[0] if isinstance(item, (tuple, list)) else item
-    if isinstance(token, torch.Tensor) and token.numel() != 1 or not isinstance(token, (int, torch.Tensor)):
-        raise ValueError("the tokens hold an embedding vector, not token ids; the caption must not name embeddings")
-    return int(token)
 
 
 def check_clip_layer(family: str, layer_idx: int | None) -> None:
@@ -124,17 +77,6 @@ def sd_text_from_comfy(cond: torch.Tensor, pooled: torch.Tensor | None, family: 
             raise ValueError("ComfyUI's CLIP gave no pooled output; SDXL needs clip_g's projected pooled embedding")
         out["text_embeds"] = (pooled[0] if pooled.ndim == 2 else pooled).float().cpu()
     return out
-
-
-def sd_pixels_to_comfy(pixels: torch.Tensor) -> torch.Tensor:
-    """[B, 3, 1, H, W] (or [B, 3, H, W]) in [-1, 1] -> ComfyUI's IMAGE [B, H, W, 3] in [0, 1]."""
-    if pixels.ndim == 5:
-        if pixels.shape[2] != 1:
-            raise ValueError(f"SD trains on still images (F = 1), got pixels {list(pixels.shape)}")
-        pixels = pixels[:, :, 0]
-    if pixels.ndim != 4 or pixels.shape[1] != 3:
-        raise ValueError(f"pixels must be [B, 3, 1, H, W], got {list(pixels.shape)}")
-    return ((pixels.float() + 1.0) / 2.0).clamp(0.0, 1.0).permute(0, 2, 3, 1).contiguous()
 
 
 def scale_sd_latents(raw: torch.Tensor, family: str) -> torch.Tensor:
@@ -168,13 +110,13 @@ def comfy_sd_encoders(family: str, clip: Any = None, vae: Any = None, *, clip_vi
         check_clip_layer(family, getattr(clip, "layer_idx", None))
         out = []
         for caption in captions:
-            tokens = clip_tokens_for_pipeline(clip.tokenize(comfy_literal_text(caption)), towers, max_length)
+            tokens = clip_tokens_for_pipeline(clip.tokenize(escape_comfy_weights(caption)), towers, max_length)
             cond, pooled = clip.encode_from_tokens(tokens, return_pooled=True)
             out.append(sd_text_from_comfy(cond, pooled, family))
         return out
 
     def encode_pixels(pixels: torch.Tensor) -> torch.Tensor:
-        return scale_sd_latents(vae.encode(sd_pixels_to_comfy(pixels.cpu())).cpu(), family)
+        return scale_sd_latents(vae.encode(still_images_to_comfy(pixels.cpu())).cpu(), family)
 
     name = identity or f"comfy-{family}-" + module_fingerprint(getattr(clip, "cond_stage_model", None),
                                                                 getattr(vae, "first_stage_model", None))

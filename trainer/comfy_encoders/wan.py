@@ -5,7 +5,7 @@ Wan 2.1 (what WanPipeline does, and how ComfyUI differs):
   runs UMT5 with the attention mask and keeps the hidden states of the real tokens, zero-padded to 512.
   ComfyUI's umt5 tokenizer parses "(word:1.2)" weights, never truncates and pads to at least 512 with pad id 0;
   its encoder uses the attention mask and zeroes padded positions. So: escape the caption's brackets and
-  backslashes (`escape_comfy_weights`), truncate the tokens to 511 + </s> (`truncate_comfy_tokens`), encode,
+  (`escape_comfy_weights`), truncate the tokens to 511 + </s> (`truncate_comfy_tokens`), encode,
   and keep the first 512 rows (`wan_text_from_comfy`).
 - pixels: diffusers' VAE takes [B, 3, F, H, W] in [-1, 1]; ComfyUI's takes frames as a batch [F, H, W, 3] in
   [0, 1] (`wan_pixels_to_comfy`) and returns the raw posterior mean [1, 16, F', h, w]; WanPipeline then
@@ -18,41 +18,17 @@ from typing import Any
 
 import torch
 
-from . import ExternalEncoders, escape_comfy_weights, module_fingerprint
+from . import ExternalEncoders, module_fingerprint
+from .conversions import escape_comfy_weights, truncate_comfy_tokens
 
 # AutoencoderKLWan's (and ComfyUI's latent_formats.Wan21) per-channel statistics of the Wan 2.1 VAE.
 WAN21_LATENTS_MEAN = (-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
                       0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921)
 WAN21_LATENTS_STD = (2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
                      3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160)
-UMT5_END_TOKEN = 1
-UMT5_PAD_TOKEN = 0
 
 
 # ---------------------------------------------------------------------------------------------- pure conversions
-
-
-def truncate_comfy_tokens(tokens: dict, max_length: int, end_token: int = UMT5_END_TOKEN,
-                          pad_token: int = UMT5_PAD_TOKEN) -> tuple[dict, int]:
-    """ComfyUI tokens ({name: [[(id, weight[, word_id]), ...]]}, one sequence) truncated the way
-    `tokenizer(..., max_length, truncation=True)` truncates: at most max_length - 1 real tokens, then the end
-    token, padded with pad tokens to max_length. Returns (tokens, number of real tokens including the end)."""
-    out: dict = {}
-    kept = None
-    for name, batches in tokens.items():
-        flat = [t for batch in batches for t in batch]
-        ids = [t[0] for t in flat]
-        if end_token in ids:
-            real = flat[:ids.index(end_token)]
-        else:
-            real = [t for t in flat if t[0] != pad_token]
-        real = real[: max_length - 1]
-        weight_tail = tuple(flat[0][2:]) if flat and len(flat[0]) > 2 else ()
-        seq = list(real) + [(end_token, 1.0) + weight_tail]
-        seq += [(pad_token, 1.0) + weight_tail] * (max_length - len(seq))
-        out[name] = [seq]
-        kept = len(real) + 1 if kept is None else kept
-    return out, int(kept or 0)
 
 
 def wan_text_from_comfy(cond: torch.Tensor, num_tokens: int, max_length: int) -> torch.Tensor:
