@@ -6,7 +6,7 @@
 IMAGES: "image{i}" = [H, W, 3] uint8 first frames. FOLDER: holds image_encoder/ and image_processor/ (the same
 weights in diffusers layout). OUT gets, per image stacked on dim 0:
 - "adapter": the adapter's embeddings (the Train node's path);
-- "family": the family's own path in this same process (CLIPImageProcessor + transformers CLIPVisionModel,
+- "family": the family's own path in this same process (its PIL CLIPImageProcessor + transformers CLIPVisionModel,
   hidden_states[-2], as WanImageToVideoPipeline.encode_image);
 - "comfy_own": ComfyUI's encode_image with its own resize and crop (CLIPVisionEncode, crop "center"), to
   show what the adapter's preprocessing changes.
@@ -45,11 +45,11 @@ def main(cv_file: str, config_json: str, folder: str, images_file: str, out: str
     spec.loader.exec_module(importlib.util.module_from_spec(spec))
     import torch
     from safetensors.torch import load_file, save_file
-    from transformers import CLIPImageProcessor, CLIPVisionModel
+    from transformers import CLIPVisionModel
 
     from trainer.comfy_encoders import for_family
     from trainer.families.base import LoadedModel
-    from trainer.families.wan21_i2v import Wan21I2V
+    from trainer.families.wan21_i2v import Wan21I2V, clip_image_processor_class
 
     clip_vision = comfy.clip_vision.load(cv_file)
     if clip_vision is None:
@@ -60,7 +60,7 @@ def main(cv_file: str, config_json: str, folder: str, images_file: str, out: str
     got = adapter.encode_image(images)
 
     encoder = CLIPVisionModel.from_pretrained(folder, subfolder="image_encoder", torch_dtype=torch.float32).eval()
-    processor = CLIPImageProcessor.from_pretrained(folder, subfolder="image_processor")
+    processor = clip_image_processor_class().from_pretrained(folder, subfolder="image_processor")
     family = Wan21I2V(LoadedModel(denoiser=torch.nn.Identity(), extra={
         "dtype": torch.float32, "image_encoder": encoder, "image_processor": processor}))
     pixels = [torch.from_numpy(im).permute(2, 0, 1).float() / 127.5 - 1.0 for im in images]
