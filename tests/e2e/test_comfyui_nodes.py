@@ -595,8 +595,10 @@ def test_workflows_load_in_the_frontend_and_convert_to_api_format(comfy, page):
         write_workflows(page, WORKFLOWS)
     info = comfy.server.object_info()
     templates = comfy.server.get("/workflow_templates").json()
-    # wan21_from_comfyui_files is checked (loaded, converted, run) in tests/e2e/test_comfyui_single_file.py
-    assert sorted(templates.get(PACK, [])) == sorted(ALL_WORKFLOWS + ("wan21_from_comfyui_files",))
+    # the *_from_comfyui_files workflows are checked (loaded, converted, run) in tests/e2e/test_comfyui_single_file.py
+    # (Wan 2.1) and tests/e2e/test_comfyui_workflows_from_files.py (FLUX.1, Wan 2.2 A14B)
+    assert sorted(templates.get(PACK, [])) == sorted(ALL_WORKFLOWS + (
+        "wan21_from_comfyui_files", "flux_from_comfyui_files", "wan22_a14b_from_comfyui_files"))
     for name in ALL_WORKFLOWS:
         assert (WORKFLOWS / f"{name}.png").stat().st_size > 10_000
         served = comfy.server.get(f"/api/workflow_templates/{PACK}/{name}.json")
