@@ -219,3 +219,23 @@ def test_bad_files(tmp_path):
     p.write_bytes("job: caf\xe9".encode("latin-1"))
     with pytest.raises(JobError, match="UTF-8"):
         load_job(p)
+
+
+def test_two_experts_always_both_train():
+    # A14B experts alternate every switch_boundary_every steps (default 100): a shorter run would export an
+    # untrained low-noise LoRA, so the default shrinks to steps / 2, and a value given by the user is refused.
+    data = base("wan22_14b")
+    data["datasets"][0]["num_frames"] = 5
+    data["train"] = {"steps": 60}
+    assert parse_job(data).train.switch_boundary_every == 30
+    data["train"] = {"steps": 1000}
+    assert parse_job(data).train.switch_boundary_every == 100
+    data["train"] = {"steps": 60, "switch_boundary_every": 60}
+    e = err(data)
+    assert e.field == "train.switch_boundary_every" and "low-noise expert would never train" in str(e)
+    assert "at most 30" in str(e)
+    data["model"]["train_low_noise"] = False  # one expert: nothing to alternate
+    assert parse_job(data).train.switch_boundary_every == 60
+    data = base("wan21")
+    data["train"] = {"steps": 60}
+    assert parse_job(data).train.switch_boundary_every == 100

@@ -209,7 +209,8 @@ def test_missing_or_extra_tensors_are_named(tiny_file, tiny_flux_path, tmp_path)
     state = load_file(str(path))
     extra = tmp_path / "extra.safetensors"
     save_file({**state, "model.diffusion_model.lora_unet_x.alpha": torch.ones(())}, str(extra))
-    with pytest.raises(ModelError, match=r"1 unexpected \(e.g. \['model.diffusion_model.lora_unet_x.alpha'\]"):
+    with pytest.raises(ModelError, match=r"1 file tensors the conversion did not use "
+                                          r"\(e.g. \['model.diffusion_model.lora_unet_x.alpha'\]"):
         load_single_file(extra, torch.float32, config=tiny_flux_path, encoders_from=tiny_flux_path)
     # a ComfyUI Flux checkpoint (models/checkpoints): the transformer is read, the bundled encoders are not
     checkpoint = tmp_path / "flux1-dev-checkpoint.safetensors"

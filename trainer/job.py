@@ -630,6 +630,8 @@ def parse_job(data: Any, base_dir: str | Path | None = None, *, require_datasets
     validation = _validation(d.get("validation"))
     network = _network(d.get("network", {}), family_cls, has_validation=validation is not None)
     train = _train(d.get("train", {}))
+    _check_expert_switching(train, model, family_cls, given=isinstance(d.get("train"), dict)
+                            and "switch_boundary_every" in d["train"])
     save = _save(d.get("save", {}), train.steps)
     out = d.get("output_dir", f"./output/{name}")
     if not isinstance(out, str) or not out:
@@ -660,6 +662,21 @@ def parse_job(data: Any, base_dir: str | Path | None = None, *, require_datasets
         validation.folder_path = resolve(validation.folder_path, "validation.folder_path")
     return Job(job=name, output_dir=resolve(out, "output_dir"), model=model, datasets=datasets, network=network,
                train=train, save=save, source=data, validation=validation)
+
+
+def _check_expert_switching(train: TrainConfig, model: ModelConfig, family_cls, given: bool) -> None:
+    """Two trained experts alternate every switch_boundary_every steps: a run no longer than that would end
+    before the second expert's first step and export an untrained LoRA for it. The default then shrinks to
+    steps / experts; a value the user gave is an error."""
+    experts = [e for e in getattr(family_cls, "experts_names", ()) if getattr(model, f"train_{e}", True)]
+    if len(experts) < 2 or train.steps > train.switch_boundary_every:
+        return
+    if given:
+        raise JobError("train.switch_boundary_every",
+                       f"{train.switch_boundary_every} is not below train.steps ({train.steps}): the "
+                       f"{experts[1].replace('_', '-')} expert would never train. Use at most "
+                       f"{max(1, train.steps // len(experts))}, or train one expert (model.train_{experts[1]}: false)")
+    train.switch_boundary_every = max(1, train.steps // len(experts))
 
 
 def _check_path_text(p: str, field_name: str) -> None:

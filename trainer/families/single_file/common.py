@@ -4,10 +4,8 @@
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -97,3 +95,36 @@ def _first_line(e: Exception) -> str:
     return text[0] if text else type(e).__name__
 
 
+
+
+def fit_problems(converted: dict[str, dict], models: dict) -> list[str]:
+    """Why converted weights do not exactly fill the models ({name: state dict}, {name: model}): parameters
+    missing, tensors left over, shapes that differ. Works on meta tensors (shapes only)."""
+    problems = []
+    for name, model in models.items():
+        want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        got = {k: tuple(v.shape) for k, v in converted[name].items()}
+        missing, unexpected = sorted(set(want) - set(got)), sorted(set(got) - set(want))
+        wrong = [f"{k}: file {got[k]} vs model {want[k]}" for k in sorted(set(want) & set(got)) if got[k] != want[k]]
+        if missing:
+            problems.append(f"{name}: {len(missing)} parameters missing (e.g. {missing[:3]})")
+        if unexpected:
+            problems.append(f"{name}: {len(unexpected)} unexpected tensors (e.g. {unexpected[:3]})")
+        if wrong:
+            problems.append(f"{name}: {len(wrong)} shapes differ (e.g. {wrong[0]})")
+    return problems
+
+
+def assign_strictly(path, models: dict, states: dict[str, dict], what: str, left_over: list = ()) -> None:
+    """Load each state dict into its model (built on the meta device: the tensors are assigned, not copied) only
+    if they fit exactly (see fit_problems); the models come out frozen and in eval mode. ModelError naming the
+    file and `what` otherwise. `left_over`: file keys the conversion could not place (also a misfit)."""
+    problems = fit_problems(states, models)
+    if left_over:
+        problems.append(f"{len(left_over)} file tensors the conversion did not use (e.g. {list(left_over)[:3]})")
+    if problems:
+        raise ModelError(f"{path}: its weights do not fill {what}: " + "; ".join(problems))
+    for name, model in models.items():
+        model.load_state_dict(states[name], strict=True, assign=True)
+        model.requires_grad_(False)
+        model.eval()

@@ -37,7 +37,7 @@ from typing import Any
 import torch
 
 from ...errors import ModelError
-from .common import CONFIG_DIR, Variant, _describe_facts, _read_tensors, load_config_argument, read_shapes
+from .common import CONFIG_DIR, Variant, _describe_facts, _read_tensors, assign_strictly, load_config_argument, read_shapes
 
 FLUX_CONFIG_DIR = CONFIG_DIR / "flux"
 FLUX_VARIANT_FILES = ("flux_dev.json", "flux_schnell.json")
@@ -238,22 +238,9 @@ def load_flux_transformer(path: str | Path, variant: Variant, dtype: torch.dtype
     config = {k: v for k, v in variant.config.items() if not k.startswith("_")}
     with init_empty_weights():
         model = FluxTransformer2DModel.from_config(config)
-    expected = set(model.state_dict())
-    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
-    if missing or unexpected or unused:
-        raise ModelError(f"{path}: its weights do not fill a {variant.description} transformer: "
-                         f"{len(missing)} missing (e.g. {missing[:3]}), {len(unexpected) + len(unused)} unexpected "
-                         f"(e.g. {(unexpected + [prefix + k for k in unused])[:3]})")
-    wrong = [(k, tuple(state[k].shape), tuple(v.shape)) for k, v in model.state_dict().items()
-             if tuple(state[k].shape) != tuple(v.shape)]
-    if wrong:
-        raise ModelError(f"{path}: tensor shapes differ from the {variant.name} config, e.g. "
-                         f"{wrong[0][0]}: file {wrong[0][1]} vs model {wrong[0][2]}")
-    model.load_state_dict(state, strict=True, assign=True)
-    model.to(device=device, dtype=dtype)
-    model.requires_grad_(False)
-    model.eval()
-    return model
+    assign_strictly(path, {"transformer": model}, {"transformer": state},
+                    f"the {variant.name} transformer ({variant.description})", left_over=[prefix + k for k in unused])
+    return model.to(device=device, dtype=dtype)
 
 
 def flux_vae_config(shapes: dict | None = None) -> dict:

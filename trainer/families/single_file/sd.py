@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +11,7 @@ import torch
 
 from ...errors import ModelError
 
-from .common import CONFIG_DIR, Variant, _describe_facts, _first_line, _read_tensors, read_shapes
+from .common import CONFIG_DIR, Variant, _describe_facts, _first_line, _read_tensors, assign_strictly, fit_problems, read_shapes
 
 # ============================================================================================== SD 1.5 checkpoints
 #
@@ -268,23 +267,6 @@ def convert_sd_checkpoint(state: dict, configs: dict[str, dict], text_encoder_2=
     return out
 
 
-def _fit_problems(converted: dict[str, dict], models: dict) -> list[str]:
-    """Why the converted weights do not exactly fill the models (missing, unexpected, wrong shapes)."""
-    problems = []
-    for name, model in models.items():
-        want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-        got = {k: tuple(v.shape) for k, v in converted[name].items()}
-        missing, unexpected = sorted(set(want) - set(got)), sorted(set(got) - set(want))
-        wrong = [f"{k}: file {got[k]} vs model {want[k]}" for k in sorted(set(want) & set(got)) if got[k] != want[k]]
-        if missing:
-            problems.append(f"{name}: {len(missing)} parameters missing (e.g. {missing[:3]})")
-        if unexpected:
-            problems.append(f"{name}: {len(unexpected)} unexpected tensors (e.g. {unexpected[:3]})")
-        if wrong:
-            problems.append(f"{name}: {len(wrong)} shapes differ (e.g. {wrong[0]})")
-    return problems
-
-
 def detect_sd15(path: str | Path, config: str | Path | dict | None = None, shapes: dict | None = None) -> Variant:
     return detect_sd(path, config=config, shapes=shapes)
 
@@ -317,7 +299,7 @@ def detect_sd(path: str | Path, config: str | Path | dict | None = None, shapes:
     meta = {k: torch.empty(s, device="meta") for k, s in shapes.items()
             if k.startswith((LDM_UNET, LDM_VAE, *SD_TEXT_PREFIXES[family]))}
     models = _sd_meta_model_dict(configs)
-    problems = _fit_problems(convert_sd_checkpoint(meta, configs, models.get("text_encoder_2")), models)
+    problems = fit_problems(convert_sd_checkpoint(meta, configs, models.get("text_encoder_2")), models)
     if problems:
         raise ModelError(f"{path}: its weights do not fill the {label} models of {source}: " + "; ".join(problems))
     prediction = configs["scheduler"].get("prediction_type", "epsilon")
@@ -367,10 +349,7 @@ def load_sd15_vae_file(path: str | Path, config: dict) -> "torch.nn.Module":
     state = convert_ldm_vae_checkpoint(_read_tensors(path, names, torch.float32), config)
     with init_empty_weights():
         vae = AutoencoderKL.from_config({k: v for k, v in config.items() if not k.startswith("_")})
-    problems = _fit_problems({"vae": state}, {"vae": vae})
-    if problems:
-        raise ModelError(f"{path}: its weights do not fill the SD VAE of this config: " + "; ".join(problems))
-    vae.load_state_dict(state, strict=True, assign=True)
+    assign_strictly(path, {"vae": vae}, {"vae": state}, "the SD VAE of this config")
     return vae
 
 
@@ -425,11 +404,7 @@ def load_sd_checkpoint(path: str | Path, dtype: torch.dtype, device: torch.devic
     converted = convert_sd_checkpoint(tensors, configs, models.get("text_encoder_2"), parts=tuple(parts))
     del tensors
     models = {k: models[k] for k in parts}
-    problems = _fit_problems({k: converted[k] for k in models}, models)
-    if problems:
-        raise ModelError(f"{path}: its weights do not fill the {label} models: " + "; ".join(problems))
-    for name, model in models.items():
-        model.load_state_dict(converted[name], strict=True, assign=True)
+    assign_strictly(path, models, {k: converted[k] for k in models}, f"the {label} models")
     vae = None
     if own_vae:
         vae = load_sd15_vae_file(vae_file, configs["vae"]) if vae_file is not None else models["vae"]

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +29,15 @@ import torch
 
 from ...errors import ModelError
 
-from .common import CONFIG_DIR, Variant, _describe_facts, _first_line, _read_tensors, load_config_argument, read_shapes
+from .common import (
+    CONFIG_DIR,
+    Variant,
+    _describe_facts,
+    _read_tensors,
+    assign_strictly,
+    load_config_argument,
+    read_shapes,
+)
 from .wan22 import EXPERT_FAMILIES, attach_low_noise_expert, encoder_folder_family, expert_variant, load_wan22_vae_file
 
 # ComfyUI saves checkpoints with this prefix; UNETLoader files usually have none.
@@ -197,22 +204,9 @@ def load_wan_transformer(path: str | Path, variant: Variant, dtype: torch.dtype,
     config = {k: v for k, v in variant.config.items() if not k.startswith("_")}
     with init_empty_weights():
         model = WanTransformer3DModel.from_config(config)
-    expected = set(model.state_dict())
-    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
-    if missing or unexpected:
-        raise ModelError(f"{path}: its weights do not fill a {variant.description} transformer: "
-                         f"{len(missing)} missing (e.g. {missing[:3]}), {len(unexpected)} unexpected "
-                         f"(e.g. {unexpected[:3]})")
-    wrong = [(k, tuple(state[k].shape), tuple(v.shape)) for k, v in model.state_dict().items()
-             if tuple(state[k].shape) != tuple(v.shape)]
-    if wrong:
-        raise ModelError(f"{path}: tensor shapes differ from the {variant.name} config, e.g. "
-                         f"{wrong[0][0]}: file {wrong[0][1]} vs model {wrong[0][2]}")
-    model.load_state_dict(state, strict=True, assign=True)
-    model.to(device=device, dtype=dtype)
-    model.requires_grad_(False)
-    model.eval()
-    return model
+    assign_strictly(path, {"transformer": model}, {"transformer": state},
+                    f"the {variant.name} transformer ({variant.description})")
+    return model.to(device=device, dtype=dtype)
 
 
 def load_wan_vae_file(path: str | Path, device: torch.device | str = "cpu"):
@@ -235,17 +229,8 @@ def load_wan_vae_file(path: str | Path, device: torch.device | str = "cpu"):
     state = convert_wan_vae_to_diffusers(_read_tensors(path, {k: k for k in shapes}, torch.float32))
     with init_empty_weights():
         vae = AutoencoderKLWan(base_dim=base_dim)
-    expected = set(vae.state_dict())
-    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
-    if missing or unexpected:
-        raise ModelError(f"{path}: its weights do not fill a Wan 2.1 VAE of base width {base_dim}: "
-                         f"{len(missing)} missing (e.g. {missing[:3]}), {len(unexpected)} unexpected "
-                         f"(e.g. {unexpected[:3]})")
-    vae.load_state_dict(state, strict=True, assign=True)
-    vae.to(device)  # float32 already: read as such
-    vae.requires_grad_(False)
-    vae.eval()
-    return vae
+    assign_strictly(path, {"vae": vae}, {"vae": state}, f"a Wan 2.1 VAE of base width {base_dim}")
+    return vae.to(device)  # float32 already: read as such
 
 
 

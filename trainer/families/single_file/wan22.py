@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from ...errors import ModelError
-from .common import CONFIG_DIR, _read_tensors, read_shapes
+from .common import CONFIG_DIR, _read_tensors, assign_strictly, read_shapes
 
 WAN22_VAE_CONFIG_FILE = CONFIG_DIR / "wan22_vae" / "config.json"
 EXPERT_FAMILIES = ("wan22_14b", "wan22_14b_i2v")
@@ -156,20 +156,9 @@ def load_wan22_vae_file(path: str | Path, device: torch.device | str = "cpu"):
     state = convert_wan22_vae_to_diffusers(_read_tensors(path, {k: k for k in shapes}, torch.float32))
     with init_empty_weights():
         vae = AutoencoderKLWan.from_config(config)
-    expected = set(vae.state_dict())
-    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
-    wrong = [(k, tuple(state[k].shape), tuple(v.shape)) for k, v in vae.state_dict().items()
-             if k in state and tuple(state[k].shape) != tuple(v.shape)]
-    if missing or unexpected or wrong:
-        raise ModelError(f"{path}: its weights do not fill the Wan 2.2 VAE (base width {config['base_dim']}, "
-                         f"decoder {config['decoder_base_dim']}): {len(missing)} missing (e.g. {missing[:3]}), "
-                         f"{len(unexpected)} unexpected (e.g. {unexpected[:3]}), {len(wrong)} of another shape "
-                         f"(e.g. {wrong[:1]})")
-    vae.load_state_dict(state, strict=True, assign=True)
-    vae.to(device)
-    vae.requires_grad_(False)
-    vae.eval()
-    return vae
+    assign_strictly(path, {"vae": vae}, {"vae": state}, f"the Wan 2.2 VAE (base width {config['base_dim']}, "
+                    f"decoder {config['decoder_base_dim']})")
+    return vae.to(device)
 
 
 # ---------------------------------------------------------------------------------------------- loading hooks
