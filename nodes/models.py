@@ -81,16 +81,12 @@ class LoadTrainingModelFile(io.ComfyNode):
             display_name="Load Training Model (ComfyUI file)",
             category=CATEGORY,
             description="The base model to train a LoRA for, from a file in models/diffusion_models or "
-                        "models/checkpoints (e.g. wan2.1_t2v_1.3B_fp16.safetensors, v1-5-pruned-emaonly"
-                        ".safetensors). The variant (Wan 2.1 T2V 1.3B/14B, I2V 14B, Wan 2.2 TI2V-5B, SD 1.5) is "
-                        "detected from the weights' shapes; Wan 2.2 A14B is two files: the high-noise expert here "
-                        "and the low-noise one as low_noise_file. A Wan file holds only the diffusion model: "
-                        "connect ComfyUI's CLIP (umt5, CLIPLoader type wan) and VAE (Wan 2.1; Wan 2.2 VAE for "
-                        "TI2V-5B) to the Train node for the text and pixel encoding. A FLUX.1 dev / schnell file "
-                        "(flux1-dev.safetensors) likewise needs ComfyUI's CLIP (DualCLIPLoader type flux: clip_l + "
-                        "t5xxl) and VAE (ae.safetensors). "
-                        "An SD 1.5 checkpoint brings its own CLIP and VAE (ComfyUI's CLIP tokenizer files are "
-                        "used); SDXL and SD 2 checkpoints are not supported as single files yet.",
+                        "models/checkpoints (what UNETLoader and CheckpointLoaderSimple load). The variant is "
+                        "detected from the weights' shapes: Wan 2.1 T2V / I2V, Wan 2.2 TI2V-5B, Wan 2.2 A14B (two "
+                        "files: the high-noise expert here, the low-noise one as low_noise_file), FLUX.1 dev / "
+                        "schnell, SD 1.5 and SDXL checkpoints. A diffusion-model file holds only the denoiser: "
+                        "connect the CLIP and VAE you load for sampling (and CLIP vision for Wan 2.1 I2V) to the "
+                        "Train node. A checkpoint brings its own (or connect CheckpointLoaderSimple's CLIP and VAE).",
             inputs=[
                 io.Combo.Input("model_file", options=files or [""],
                                tooltip="A .safetensors file from models/diffusion_models or models/checkpoints "
