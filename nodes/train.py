@@ -114,19 +114,20 @@ def encoder_inputs() -> list:
             "(moved out of GPU memory) for the training steps.")
     return [
         io.Clip.Input("clip", optional=True,
-                      tooltip="Optional: the model's text encoder as ComfyUI loads it (SD 1.5 / SDXL: the CLIP "
-                              "of CheckpointLoaderSimple at its default layer, a CLIPSetLastLayer to another layer "
-                              "is refused, and the checkpoint's own text encoders are then not loaded; Wan: "
-                              "CLIPLoader type wan, required with a Wan model from a ComfyUI file). Captions are "
-                              "read literally (no (word:1.2) weights) and cut to the pipeline's length (77 tokens "
-                              "for SD), so the encodings equal the diffusers pipeline's. " + note),
+                      tooltip="Optional: the model's text encoder as you load it for sampling (Wan: CLIPLoader type "
+                              "wan; FLUX.1: DualCLIPLoader type flux; SD 1.5 / SDXL: CheckpointLoaderSimple's CLIP, "
+                              "and the checkpoint's own text encoders are then not loaded). Required with a Wan or "
+                              "Flux model from a ComfyUI file. Captions are read literally (no (word:1.2) weights) "
+                              "and cut to the pipeline's length, so the encodings equal the diffusers pipeline's; a "
+                              "CLIPSetLastLayer to another layer than the pipeline's is refused. " + note),
         io.Vae.Input("vae", optional=True,
-                     tooltip="Optional: the model's VAE (SD 1.5 / SDXL: CheckpointLoaderSimple's, and the "
-                             "checkpoint's own VAE is then not loaded; Wan: VAELoader, required with a Wan model "
-                             "from a ComfyUI file). " + note),
+                     tooltip="Optional: the model's VAE from VAELoader or CheckpointLoaderSimple (Wan 2.1 and "
+                             "A14B: wan_2.1_vae; TI2V-5B: wan2.2_vae; FLUX.1: ae). Required with a Wan or Flux "
+                             "model from a ComfyUI file. " + note),
         io.ClipVision.Input("clip_vision", optional=True,
                             tooltip="Optional (Wan 2.1 I2V): the CLIP vision model from CLIPVisionLoader "
-                                    "(clip_vision_h) that encodes each clip's first frame. " + note),
+                                    "(clip_vision_h) that encodes each clip's first frame; required with a Wan 2.1 "
+                                    "I2V model from a ComfyUI file. " + note),
     ]
 
 
