@@ -140,16 +140,19 @@ def test_wrong_files_fail_before_loading(tmp_path, tiny_wan21_path):
         detect_variant(vace)
 
 
-def test_scaled_fp8_and_missing_encoders_are_refused(tiny_native_file, tiny_wan21_path, tmp_path):
+def test_unsupported_quantization_and_missing_encoders_are_refused(tiny_native_file, tiny_wan21_path, tmp_path):
     path, reference = tiny_native_file
     cfg = tiny_wan21_path / "transformer"
     with pytest.raises(ModelError, match="holds only the transformer.*CLIP.*VAE"):
         load_single_file(path, torch.float32, config=cfg)
+    # scaled-fp8 files load dequantized (tests/test_single_file_fp8.py); block-scaled formats are refused by name
     sd = native_state_dict(reference)
-    sd["scaled_fp8"] = torch.zeros(0)
-    scaled = tmp_path / "scaled.safetensors"
+    quant = json.dumps({"format": "nvfp4"}).encode()
+    sd["blocks.0.ffn.0.comfy_quant"] = torch.tensor(list(quant), dtype=torch.uint8)
+    sd["blocks.0.ffn.0.weight_scale_2"] = torch.tensor(1.0)
+    scaled = tmp_path / "nvfp4.safetensors"
     save_file(sd, str(scaled))
-    with pytest.raises(ModelError, match="scaled-fp8"):
+    with pytest.raises(ModelError, match=r"quantized as nvfp4 \(ComfyUI's mixed-precision format"):
         load_single_file(scaled, torch.float32, config=cfg, encoders_from=tiny_wan21_path)
 
 

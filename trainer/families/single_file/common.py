@@ -10,10 +10,12 @@ from pathlib import Path
 import torch
 
 from ...errors import ModelError
+from .quantized import file_quantization
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent.parent / "configs"
-# Scaled-fp8 files (ComfyUI's *_fp8_scaled) carry per-tensor scales that a plain cast would ignore.
-SCALED_FP8_MARKERS = ("scale_weight", "scaled_fp8")
+# Scaled-fp8 files (ComfyUI's *_fp8_scaled) carry per-tensor scales that a plain cast would ignore: they are
+# dequantized as they are read (quantized.py), and these keys never reach detection or the key conversions.
+SCALED_FP8_MARKERS = ("scale_weight", "scaled_fp8", "weight_scale", "comfy_quant")
 
 
 @dataclass(frozen=True)
@@ -34,7 +36,8 @@ class Variant:
 
 
 def read_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
-    """{key: shape} from a .safetensors header, without reading any tensor data."""
+    """{key: shape} from a .safetensors header, without reading any tensor data. A scaled-fp8 file's scale and
+    marker tensors are left out: they are applied by _read_tensors."""
     from safetensors import safe_open
 
     path = Path(path)
@@ -45,10 +48,12 @@ def read_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
         raise ModelError(f"{path}: no such file")
     try:
         with safe_open(str(path), framework="pt") as f:
-            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     except Exception as e:  # safetensors raises SafetensorError / OSError variants
         raise ModelError(f"{path}: is a file but not a readable .safetensors file ({_first_line(e)}); model.path "
                          "takes a diffusers folder (with model_index.json) or a single .safetensors model file") from e
+    quantization = file_quantization(path)  # refuses, before any weight loads, what cannot be dequantized
+    return shapes if quantization is None else {k: v for k, v in shapes.items() if k not in quantization.consumed}
 
 
 
@@ -75,17 +80,15 @@ def load_config_argument(config: str | Path | dict) -> dict:
 
 
 def _read_tensors(path: Path, names: dict[str, str], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """The tensors under their stripped names, each cast to `dtype` as it is read (peak memory: one file)."""
+    """The tensors under their stripped names, each cast to `dtype` as it is read (peak memory: one file); the
+    scaled float8 weights of a scaled-fp8 file come out dequantized as ComfyUI computes them (quantized.py)."""
     from safetensors import safe_open
 
-    markers = [k for k in names if any(m in k for m in SCALED_FP8_MARKERS)]
-    if markers:
-        raise ModelError(f"{path}: is a scaled-fp8 file ({markers[0]}); its per-tensor scales are not applied by "
-                         "the trainer. Use the fp16/bf16 (or plain fp8_e4m3fn) release of this model")
+    quantization = file_quantization(path)
     out = {}
     with safe_open(str(path), framework="pt") as f:
         for name, original in names.items():
-            out[name] = f.get_tensor(original).to(dtype)
+            out[name] = quantization.read(f, original, dtype) if quantization else f.get_tensor(original).to(dtype)
     return out
 
 
