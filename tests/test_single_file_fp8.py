@@ -220,7 +220,7 @@ def test_formats_the_trainer_cannot_dequantize_are_refused_by_name(tiny_wan, tin
     block = tmp_path / "block.safetensors"
     save_file({**state, f"{layer}.weight": q, f"{layer}.weight_scale": torch.ones(128, 2)}, str(block),
               metadata={"_quantization_metadata": json.dumps({"layers": {layer: {"format": "float8_e4m3fn"}}})})
-    refused(block, r"weight_scale has shape \[128, 2\].*block-scaled formats are not supported")
+    refused(block, r"weight_scale has shape \[128, 2\], not one scale per tensor.*block-scaled formats")
     orphan = tmp_path / "orphan.safetensors"
     save_file({**state, f"{layer}.weight": q, f"{layer}.scale_weight": scale}, str(orphan))
     refused(orphan, "no quantization config .*no scaled_fp8 marker")

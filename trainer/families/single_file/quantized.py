@@ -11,8 +11,8 @@ would ignore the scales. ComfyUI reads three spellings of the same thing:
   ``_quantization_metadata`` JSON entry in the safetensors metadata naming each layer's format;
 * the same with a per-layer ``<layer>.comfy_quant`` tensor (JSON bytes) instead, as ComfyUI saves a model.
 
-Only the per-tensor float8 formats (``float8_e4m3fn``, ``float8_e5m2``) are dequantized; a scale that broadcasts
-per output channel is applied the same way. Block-scaled formats (nvfp4, mxfp8, ...) are refused by name.
+Only the per-tensor float8 formats (``float8_e4m3fn``, ``float8_e5m2``; one scale per weight) are dequantized,
+the only ones ComfyUI v0.8.0 has; block-scaled formats (nvfp4, mxfp8, ...) are refused by name.
 Input (activation) scales only matter to ComfyUI's fp8 matmuls at inference, so they are read past: training
 uses the dequantized weights. Every scale, marker and config tensor is consumed here, so variant detection and
 the key conversions only ever see the model's real weights.
@@ -21,6 +21,7 @@ the key conversions only ever see the model's real weights.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -149,9 +150,9 @@ def _plan(path, style: str, layers: dict, header: dict) -> Quantization:
         declared = layers[layer]
         if declared != "scaled_fp8" and _FP8_HEADER_DTYPES[stored] != declared:
             raise ModelError(f"{path}: {weight} is declared {declared} but stored as {_FP8_HEADER_DTYPES[stored]}")
-        if not _scale_fits(scale_shape, shape):
-            raise ModelError(f"{path}: {scale} has shape {list(scale_shape)}, which is neither one scale per tensor "
-                             f"nor per channel of {weight} {list(shape)} (block-scaled formats are not supported)")
+        if math.prod(scale_shape) != 1:  # ComfyUI v0.8.0's float8 layouts apply one scale per weight only
+            raise ModelError(f"{path}: {scale} has shape {list(scale_shape)}, not one scale per tensor of {weight} "
+                             f"{list(shape)}: per-channel or block-scaled formats are not supported")
         scales[weight], formats[weight] = scale, _FP8_HEADER_DTYPES[stored]
     consumed = frozenset(k for k in header if is_quantization_key(k))
     orphans = sorted(k for k in consumed if k.endswith((".scale_weight", ".weight_scale"))
@@ -164,12 +165,3 @@ def _plan(path, style: str, layers: dict, header: dict) -> Quantization:
                          "use the fp16/bf16 release of this model")
     return Quantization(style=style, scales=scales, formats=formats, consumed=consumed)
 
-
-def _scale_fits(scale_shape: tuple, shape: tuple) -> bool:
-    """One scale for the tensor, or a scale per output channel ([out, 1, ...]) that broadcasts onto it."""
-    count = 1
-    for d in scale_shape:
-        count *= d
-    if count == 1:
-        return True
-    return len(scale_shape) == len(shape) and scale_shape[0] == shape[0] and all(d == 1 for d in scale_shape[1:])
