@@ -12,11 +12,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from family_helpers import native_state_dict, native_wan_key
+from family_helpers import header_only_file, meta_shapes, native_state_dict, native_wan_key
 from fixtures_models import tiny_flux_path, tiny_wan21_path  # noqa: F401
 from tests.media import textured_frames, write_caption, write_video
 from trainer.errors import ModelError
-from trainer.families.single_file import detect_variant, load_single_file, read_shapes
+from trainer.families.single_file import detect_variant, known_variants, load_single_file, read_shapes
 from trainer.families.single_file.common import _read_tensors
 from trainer.families.single_file.quantized import LEGACY, MIXED_METADATA, MIXED_TENSORS, file_quantization
 from trainer.job import parse_job
@@ -93,7 +93,7 @@ def dequantized_reference(transformer, quantized: dict, prefix: str = "") -> dic
     (MIXED_METADATA, "float8_e4m3fn", ""),
     (MIXED_METADATA, "float8_e5m2", ""),
     (MIXED_TENSORS, "float8_e4m3fn", "model.diffusion_model."),
-])
+], ids=["legacy", "legacy-prefixed", "metadata", "metadata-e5m2", "comfy_quant-prefixed"])
 def test_scaled_fp8_wan_file_loads_dequantized_exactly(tiny_wan, tiny_wan21_path, tmp_path, style, fmt, prefix):
     state = native_state_dict(tiny_wan, prefix)
     path = tmp_path / "tiny_wan_fp8_scaled.safetensors"
@@ -175,6 +175,46 @@ def test_scaled_fp8_flux_file_loads_dequantized_exactly(tiny_flux_path, tmp_path
     # the fused qkv of the double blocks is made of dequantized parts, so they differ from the bf16 weights
     assert not torch.equal(a["transformer_blocks.0.attn.to_q.weight"],
                            transformer.state_dict()["transformer_blocks.0.attn.to_q.weight"])
+
+
+def header_with_metadata(path, shapes: dict, metadata: dict) -> None:
+    """family_helpers.header_only_file with a safetensors metadata entry (a sparse file: no tensor bytes)."""
+    import struct
+
+    header, offset = {"__metadata__": metadata}, 0
+    for key, shape in shapes.items():
+        n = math.prod(shape)
+        header[key] = {"dtype": "F8_E4M3", "shape": list(shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    blob = json.dumps(header).encode()
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)) + blob)
+        f.truncate(8 + len(blob) + offset)
+
+
+def test_released_sizes_are_detected_from_fp8_scaled_headers(tmp_path):
+    """wan2.1_t2v_14B_fp8_scaled, wan2.2_t2v_*_noise_14B_fp8_scaled, ...: the header of each released variant
+    with ComfyUI's scales added detects as that variant (the scales are not weights)."""
+    from test_single_file_flux import released_shapes
+
+    for v in known_variants():
+        shapes, _ = meta_shapes(v.config, prefix="model.diffusion_model." if "i2v" in v.name else "")
+        scaled = {f"{k[:-len('.weight')]}.scale_weight": () for k, shape in shapes.items()
+                  if ".blocks." in f".{k}" and k.endswith(".weight") and len(shape) == 2}
+        assert len(scaled) >= 10 * 20
+        marker = "model.diffusion_model.scaled_fp8" if "i2v" in v.name else "scaled_fp8"
+        file = tmp_path / f"{v.name}_fp8_scaled.safetensors"
+        header_only_file(file, {**shapes, **scaled, marker: (0,)})
+        assert detect_variant(file, family=v.family).name == v.name
+        assert file_quantization(file).style == LEGACY and len(file_quantization(file).scales) == len(scaled)
+    dev = released_shapes("flux1_dev")
+    scales = {f"{k[:-len('.weight')]}.weight_scale": () for k, shape in dev.items()
+              if k.startswith(("double_blocks.", "single_blocks.")) and k.endswith(".weight") and len(shape) == 2}
+    file = tmp_path / "flux1-dev-fp8-mixed.safetensors"
+    layers = {k[:-len(".weight_scale")]: {"format": "float8_e4m3fn"} for k in scales}
+    header_with_metadata(file, {**dev, **scales}, {"_quantization_metadata": json.dumps({"layers": layers})})
+    assert detect_variant(file).name == "flux1_dev"
+    assert file_quantization(file).style == MIXED_METADATA
 
 
 # ---------------------------------------------------------------------------------------------- refused

@@ -1,7 +1,7 @@
 """FLUX.1 single files (models/diffusion_models, models/vae).
 
 A ComfyUI FLUX.1 file (``flux1-dev.safetensors``, ``flux1-schnell.safetensors``, their plain ``fp8_e4m3fn``
-releases) holds one transformer under Black Forest Labs' original names (``double_blocks.*``, ``single_blocks.*``,
+releases, scaled-fp8 files: dequantized as read, see quantized.py) holds one transformer under Black Forest Labs' original names (``double_blocks.*``, ``single_blocks.*``,
 ``img_in``, ``txt_in``, ``time_in``, ``vector_in``, ``guidance_in`` on dev only, ``final_layer``), optionally
 prefixed ``model.diffusion_model.``. We:
 
@@ -10,7 +10,7 @@ prefixed ``model.diffusion_model.``. We:
    head size, input channels and the text widths must equal FLUX.1's (trainer/configs/flux/flux_dev.json,
    flux_schnell.json, the diffusers configs of the releases). Other models in Flux's layout are named and
    refused: FLUX.1 Fill / Depth / Canny (more input channels: the image condition is concatenated), FLUX.2,
-   Chroma, models with another MLP (Ovis), scaled-fp8 files. FLUX.1 Kontext has exactly dev's shapes, so a file
+   Chroma, models with another MLP (Ovis). FLUX.1 Kontext has exactly dev's shapes, so a file
    cannot say it is Kontext; it would train as dev. A non-standard size loads with its diffusers ``config``;
 3. convert with diffusers' ``convert_flux_transformer_checkpoint_to_diffusers`` and load strictly into
    ``FluxTransformer2DModel`` (every key used, every parameter filled). That conversion hard-codes FLUX.1's
@@ -48,8 +48,6 @@ FLUX_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
 FLUX_MARKER = "double_blocks.0.img_attn.norm.key_norm.scale"
 # diffusers' conversion splits single_blocks.*.linear1 at FLUX.1's sizes: 3 x 3072 + 12288 rows.
 DIFFUSERS_FUSED_ROWS = 3 * 3072 + 4 * 3072
-# Per-tensor scales of quantized files (ComfyUI's scaled fp8 and its newer mixed-precision format).
-QUANT_MARKERS = ("scale_weight", "scaled_fp8", "weight_scale", "input_scale", "comfy_quant")
 _DOUBLE = re.compile(r"^double_blocks\.(\d+)\.")
 _SINGLE = re.compile(r"^single_blocks\.(\d+)\.")
 _VAE_DOWN = re.compile(r"^encoder\.down\.(\d+)\.")
@@ -147,10 +145,6 @@ def _unsupported_flux(names: dict, facts: dict) -> str | None:
     return None
 
 
-def _quantized_keys(keys) -> list[str]:
-    return [k for k in keys if any(k.endswith(m) or f".{m}" in k or k == m for m in QUANT_MARKERS)]
-
-
 def detect_flux(path: str | Path, config: str | Path | dict | None = None, shapes: dict | None = None) -> Variant:
     """The variant of a FLUX.1 diffusion-model file, from its shapes (see the module docstring).
 
@@ -162,11 +156,6 @@ def detect_flux(path: str | Path, config: str | Path | dict | None = None, shape
     if not is_flux_file(shapes):
         raise ModelError(f"{path}: not a Flux diffusion model file (no {FLUX_MARKER} / img_in.weight among its "
                          f"{len(shapes)} tensors, e.g. {', '.join(sorted(shapes)[:4])})")
-    quantized = _quantized_keys(shapes)
-    if quantized:
-        raise ModelError(f"{path}: is a scaled / quantized fp8 file ({quantized[0]}); its per-tensor scales are not "
-                         "applied by the trainer. Use the bf16 release (flux1-dev.safetensors) or the plain "
-                         "fp8_e4m3fn one")
     facts = flux_facts_from_shapes(plain)
     unsupported = _unsupported_flux(plain, facts)
     if unsupported:
