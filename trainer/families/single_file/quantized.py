@@ -13,9 +13,9 @@ would ignore the scales. ComfyUI reads three spellings of the same thing:
 
 Only the per-tensor float8 formats (``float8_e4m3fn``, ``float8_e5m2``; one scale per weight) are dequantized,
 the only ones ComfyUI v0.8.0 has; block-scaled formats (nvfp4, mxfp8, ...) are refused by name.
-A legacy file's weights are dequantized from the float8 type they are stored in (ComfyUI v0.8.0 treats every
-legacy file as e4m3fn; every released one is). Input (activation) scales only matter to ComfyUI's fp8 matmuls at inference, so they are read past: training
-uses the dequantized weights. Every scale, marker and config tensor is consumed here, so variant detection and
+A legacy file's weights are dequantized from the float8 type they are stored in (ComfyUI v0.8.0 reads every
+legacy file as e4m3fn, with a TODO asking whether e5m2 ones exist). Input (activation) scales only matter to
+ComfyUI's fp8 matmuls at inference, so they are read past: training uses the dequantized weights. Every scale, marker and config tensor is consumed here, so variant detection and
 the key conversions only ever see the model's real weights.
 """
 
