@@ -135,12 +135,24 @@ def test_lora_trained_from_fp8_file_applies_to_it_in_comfyui(files):
         keys = load_file(str(lora))
         modules = {k[:-len(".lora_down.weight")] for k in keys if k.endswith(".lora_down.weight")}
         assert modules
-        result = comfy_env.probe(files["paths"][name], lora)
+        (files["work"] / f"deltas_{name}").mkdir(exist_ok=True)
+        result = comfy_env.probe(files["paths"][name], lora, dump_dir=files["work"] / f"deltas_{name}")
         assert result["model_class"] == "WAN21", result["model_class"]
         assert result["not_loaded"] == [] and result["not_patched"] == [], result["not_loaded"][:5]
         assert result["patches_applied"] == len(modules)
         fp8_targets = [t for t in result["lora_targets"].values()
                        if t.removeprefix("diffusion_model.") in files["quantized"][name]]
         assert fp8_targets  # the LoRA patches ComfyUI's fp8 layers too
+        # ComfyUI folds a LoRA into an fp8 layer as dequantize + delta + re-quantize (stochastic rounding), so
+        # there the delta it applies is the LoRA's plus fp8 rounding: measured, not asserted (ComfyUI's choice).
+        deltas, ratios, corr = load_file(result["deltas_file"]), [], []
+        for module, target in result["lora_targets"].items():
+            up, down = keys[module + ".lora_up.weight"].double(), keys[module + ".lora_down.weight"].double()
+            want = (up @ down) * keys[module + ".alpha"].double() / up.shape[1]
+            got = deltas[target].double()
+            ratios.append(((got - want).abs().max() / want.abs().max()).item())
+            corr.append(torch.corrcoef(torch.stack([got.flatten(), want.flatten()]))[0, 1].item())
         print(f"{name}: {len(modules)} LoRA modules, {result['patches_applied']} patched "
-              f"({len(fp8_targets)} on fp8 layers), 0 unloaded keys")
+              f"({len(fp8_targets)} on fp8 layers), 0 unloaded keys; ComfyUI's applied delta vs the LoRA's on fp8 "
+              f"layers: max|diff|/max|delta| median {sorted(ratios)[len(ratios) // 2]:.2f}, "
+              f"correlation median {sorted(corr)[len(corr) // 2]:.3f}")
