@@ -93,7 +93,7 @@ class LoadTrainingModelFile(io.ComfyNode):
                                        "(Wan 2.2 A14B: the high-noise expert)"),
                 io.Combo.Input("dtype", options=list(DTYPES), default="bf16",
                                tooltip="Weight dtype of the frozen base model (the LoRA trains in fp32); an fp8 "
-                                       "file is upcast to it"),
+                                       "file is upcast to it, a scaled-fp8 file dequantized to it"),
                 io.String.Input("config", default="", optional=True, extra_dict={"advanced": True},
                                 tooltip="Optional: a diffusers transformer config.json (or its folder) for a "
                                         "model of non-standard size; empty: detect a released variant. For an "
