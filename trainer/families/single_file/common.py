@@ -131,3 +131,11 @@ def assign_strictly(path, models: dict, states: dict[str, dict], what: str, left
         model.load_state_dict(states[name], strict=True, assign=True)
         model.requires_grad_(False)
         model.eval()
+
+
+def require_config_match(path, config, facts: dict, expected: dict) -> None:
+    """ModelError listing every architecture fact in which the file differs from the config the user gave."""
+    diffs = [f"{k}: file {facts[k]} vs config {expected.get(k)}" for k in facts if facts[k] != expected.get(k)]
+    if diffs:
+        raise ModelError(f"{path}: does not match the given config {config if not isinstance(config, dict) else ''}"
+                         f"({'; '.join(diffs)})")

@@ -37,7 +37,16 @@ from typing import Any
 import torch
 
 from ...errors import ModelError
-from .common import CONFIG_DIR, Variant, _describe_facts, _read_tensors, assign_strictly, load_config_argument, read_shapes
+from .common import (
+    CONFIG_DIR,
+    Variant,
+    _describe_facts,
+    _read_tensors,
+    assign_strictly,
+    load_config_argument,
+    read_shapes,
+    require_config_match,
+)
 
 FLUX_CONFIG_DIR = CONFIG_DIR / "flux"
 FLUX_VARIANT_FILES = ("flux_dev.json", "flux_schnell.json")
@@ -163,11 +172,7 @@ def detect_flux(path: str | Path, config: str | Path | dict | None = None, shape
     variants = known_flux_variants()
     if config is not None:
         cfg = load_config_argument(config)
-        expected = flux_facts_from_config(cfg)
-        diffs = [f"{k}: file {facts[k]} vs config {expected[k]}" for k in facts if facts[k] != expected[k]]
-        if diffs:
-            raise ModelError(f"{path}: does not match the given config {config if not isinstance(config, dict) else ''}"
-                             f"({'; '.join(diffs)})")
+        require_config_match(path, config, facts, flux_facts_from_config(cfg))
         like = next(v for v in variants if flux_facts_from_config(v.config)["guidance"] == facts["guidance"])
         return Variant(name="custom", family="flux", description=f"a Flux transformer of the given config "
                        f"({_describe_facts(facts)})", config=cfg,

@@ -37,6 +37,7 @@ from .common import (
     assign_strictly,
     load_config_argument,
     read_shapes,
+    require_config_match,
 )
 from .wan22 import EXPERT_FAMILIES, attach_low_noise_expert, encoder_folder_family, expert_variant, load_wan22_vae_file
 
@@ -156,11 +157,7 @@ def detect_wan(path: str | Path, config: str | Path | dict | None = None,
     facts = wan_facts_from_shapes(plain)
     if config is not None:
         cfg = load_config_argument(config)
-        expected = wan_facts_from_config(cfg)
-        diffs = [f"{k}: file {facts[k]} vs config {expected[k]}" for k in facts if facts[k] != expected[k]]
-        if diffs:
-            raise ModelError(f"{path}: does not match the given config {config if not isinstance(config, dict) else ''}"
-                             f"({'; '.join(diffs)})")
+        require_config_match(path, config, facts, wan_facts_from_config(cfg))
         family = _custom_family(cfg, facts, family)
         return Variant(name="custom", family=family, description=f"a Wan transformer of the given config "
                        f"({_describe_facts(facts)})", config=cfg, source=str(config if not isinstance(config, dict)
