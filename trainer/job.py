@@ -23,7 +23,7 @@ import yaml
 from .errors import JobError
 from .schedule.phases_config import SOURCES, TRANSITIONS, ExitCriteria, Phase, ScheduleConfig
 
-DTYPES = ("fp32", "fp16", "bf16")
+DTYPES = ("fp32", "fp16", "bf16", "fp8")  # fp8: the denoiser's block Linears in float8, the rest bf16 (fp8_base.py)
 OPTIMIZERS = ("adamw", "adamw8bit")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")

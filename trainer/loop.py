@@ -33,7 +33,8 @@ from .schedule.stop_advice import StopAdvisor, format_advice
 from .schedule.transitions import preserve_output
 from .validation import build_probe, scan_validation
 
-TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# fp8: loaded and computed in bf16, then the denoiser's block Linears are stored in float8 (trainer/fp8_base.py)
+TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "fp8": torch.bfloat16}
 
 
 class Callbacks:
@@ -212,17 +213,28 @@ def _train(job, callbacks, family, training_set, extra_items, lora_path, acceler
 
     # ---- model, then data encoded once and cached, then the encoders go ----
     set_seed(t.seed)
+    fp8 = job.model.dtype == "fp8"
+    if fp8:
+        from .fp8_base import check_device, quantize_family
+
+        check_device(device)
     if family is None:
         cb.log(f"loading {family_cls.name} from {job.model.path}")
+        # fp8: loaded on the CPU and quantized there (converted on the GPU), so the whole bf16 model never has to fit
+        # the GPU; the loop moves the trained denoiser to the device below, as it does for every dtype
+        load_device = "cpu" if fp8 else device
         if single_file:  # a ComfyUI diffusion-model file; text encoder and VAE from model.encoders_from / vae_file
             from .families.single_file import load_single_file
 
             m = job.model
-            family = load_single_file(m.path, TORCH_DTYPES[m.dtype], device, config=m.config,
+            family = load_single_file(m.path, TORCH_DTYPES[m.dtype], load_device, config=m.config,
                                       encoders_from=m.encoders_from, vae_file=m.vae_file, family=m.family,
                                       low_noise_path=m.low_noise_path)
         else:
-            family = family_cls.load(job.model.path, dtype=TORCH_DTYPES[job.model.dtype], device=device)
+            family = family_cls.load(job.model.path, dtype=TORCH_DTYPES[job.model.dtype], device=load_device)
+    if fp8:  # before any LoRA wraps a layer (the LoRA's base forward is then the fp8 one); also a caller's family
+        cb.log(f"model.dtype fp8: {quantize_family(family, device)} Linear layers of the denoiser stored as "
+               "float8_e4m3fn")
     if training_set is None:
         training_set = TrainingSet.build(items, family, seed=t.seed, log=cb.log)
     experts = _experts_to_train(job, family)
