@@ -52,7 +52,9 @@ class LoadTrainingModel(io.ComfyNode):
                                 tooltip="Optional: a folder path or hub id (org/name); when set it is used instead "
                                         "of the folder picked above"),
                 io.Combo.Input("dtype", options=list(DTYPES), default="bf16",
-                               tooltip="Weight dtype of the frozen base model (the LoRA trains in fp32)"),
+                               tooltip="Weight dtype of the frozen base model (the LoRA trains in fp32). fp8: the "
+                                       "denoiser's block Linear weights are stored as float8 (half of bf16: Wan "
+                                       "14B / Flux LoRAs on a 24 GB GPU), everything else in bf16"),
             ],
             outputs=[PTModel.Output(display_name="model")],
         )
@@ -93,7 +95,10 @@ class LoadTrainingModelFile(io.ComfyNode):
                                        "(Wan 2.2 A14B: the high-noise expert)"),
                 io.Combo.Input("dtype", options=list(DTYPES), default="bf16",
                                tooltip="Weight dtype of the frozen base model (the LoRA trains in fp32); an fp8 "
-                                       "file is upcast to it, a scaled-fp8 file dequantized to it"),
+                                       "file is upcast to it, a scaled-fp8 file dequantized to it. fp8: the "
+                                       "denoiser's block Linear weights are stored as float8 (half of bf16: Wan "
+                                       "14B / Flux LoRAs on a 24 GB GPU; an fp8 file is loaded in bf16 and "
+                                       "re-quantized), everything else in bf16"),
                 io.String.Input("config", default="", optional=True, extra_dict={"advanced": True},
                                 tooltip="Optional: a diffusers transformer config.json (or its folder) for a "
                                         "model of non-standard size; empty: detect a released variant. For an "

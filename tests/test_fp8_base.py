@@ -236,13 +236,14 @@ def test_training_with_fp8_weights_follows_bf16(family, data, frames, tiny_wan21
 
 def test_two_experts_stay_fp8_across_switches(tiny_wan22_14b_path, clips, tmp_path):
     """Wan 2.2 A14B: both experts are quantized, and expert switches (each moves one expert to the device and
-    the other to the CPU) keep their weights fp8; both LoRA files come out."""
+    the other to the CPU) keep their weights fp8; both LoRA files come out. With gradient checkpointing (its
+    recomputed forward runs the fp8 layers again)."""
     job = parse_job({
         "job": "fp8_moe", "output_dir": str(tmp_path),
         "model": {"family": "wan22_14b", "path": str(tiny_wan22_14b_path), "dtype": "fp8"},
         "datasets": [{"folder_path": str(clips), "resolution": [32], "num_frames": 5}],
         "network": {"linear": 4, "linear_alpha": 4},
-        "train": {"steps": 6, "lr": 1e-3, "seed": 3, "switch_boundary_every": 2},
+        "train": {"steps": 6, "lr": 1e-3, "seed": 3, "switch_boundary_every": 2, "gradient_checkpointing": True},
         "save": {"every": 6, "keep_last": 1, "resume": "none"},
     })
     family = get_family("wan22_14b").load(str(tiny_wan22_14b_path), dtype=torch.bfloat16)
@@ -262,3 +263,39 @@ def test_two_experts_stay_fp8_across_switches(tiny_wan22_14b_path, clips, tmp_pa
         assert expert.patch_embedding.weight.dtype == torch.bfloat16  # what is not quantized stays bf16
     assert all(math.isfinite(r["loss"]) for r in result.records)
     assert set(result.lora_paths) == {"high_noise", "low_noise"}
+
+
+def test_a_scaled_fp8_single_file_is_loaded_in_bf16_and_requantized(tiny_wan21_path, tmp_path):
+    """A ComfyUI *_fp8_scaled file is dequantized to bf16 on load (single_file/quantized.py) and its block
+    Linears quantized again; the run trains, and every layer the file held in fp8 is fp8 again."""
+    from diffusers import WanTransformer3DModel
+
+    from family_helpers import native_state_dict
+    from tests.test_single_file_fp8 import write_scaled
+    from trainer.families.single_file.quantized import LEGACY
+    from trainer.loop import Callbacks
+
+    path = tmp_path / "tiny_wan_fp8_scaled.safetensors"
+    written = write_scaled(path, native_state_dict(WanTransformer3DModel.from_pretrained(
+        tiny_wan21_path, subfolder="transformer")), LEGACY)
+    data = tmp_path / "clips"
+    write_video(data / "clip.mp4", textured_frames(8, 32, 32), num_frames=8, width=32, height=32, gop=4)
+    write_caption(data / "clip.mp4", "waves rolling")
+    job = parse_job({
+        "job": "fp8_file", "output_dir": str(tmp_path / "out"),
+        "model": {"family": "wan21", "path": str(path), "dtype": "fp8", "config": str(tiny_wan21_path / "transformer"),
+                  "encoders_from": str(tiny_wan21_path)},
+        "datasets": [{"folder_path": str(data), "resolution": [32], "num_frames": 5}],
+        "network": {"linear": 4, "linear_alpha": 4},
+        "train": {"steps": 3, "batch_size": 1, "lr": 1e-3, "seed": 5},
+        "save": {"every": 100, "resume": "none"},
+    })
+    logs = []
+
+    class Log(Callbacks):
+        def log(self, message):
+            logs.append(message)
+
+    run = train(job, Log())
+    assert all(math.isfinite(r["loss"]) for r in run.records) and len(run.records) == 3
+    assert f"model.dtype fp8: {len(written)} Linear layers of the denoiser stored as float8_e4m3fn" in logs

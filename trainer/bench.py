@@ -82,6 +82,7 @@ ROWS = (
     "scale: image",
     "gradient checkpointing",
     "scale: video",
+    "fp8 base weights",
 )
 
 
@@ -735,6 +736,82 @@ def bench_scale(fx: _Fixture, cfg: BenchConfig, wan21_path: Path | None) -> list
     return rows
 
 
+# ---- fp8 base weights ----
+
+
+def full_size_fp8_ratio() -> float:
+    """Stored bytes of the full-size Wan 2.1 14B transformer with model.dtype fp8 over bf16, counted on the meta
+    device (no memory): what the quantized block Linears save at the size fp8 is for."""
+    from diffusers import WanTransformer3DModel
+
+    from .fp8_base import quantizable
+
+    with torch.device("meta"):
+        model = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=40, attention_head_dim=128,
+                                      in_channels=16, out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=13824,
+                                      num_layers=40, cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6)
+    total = sum(p.numel() for p in model.parameters())
+    in_fp8 = sum(m.weight.numel() for n, m in model.named_modules() if quantizable(n, m))
+    return (in_fp8 + 2 * (total - in_fp8)) / (2 * total)
+
+
+# The fp8 row's transformer: the tiny Wan 2.1 made wide enough (model width 256, 4 blocks, 8 MiB in bf16) that
+# its block Linears hold most of its weights, as in the real 1.3B / 14B models; the tiny fixture's own
+# transformer (width 24) is mostly embeddings and would show nothing of what fp8 saves.
+FP8_WAN_WIDTH = {"num_attention_heads": 4, "attention_head_dim": 64, "ffn_dim": 1024, "num_layers": 4}
+
+
+def bench_fp8(fx: _Fixture, cfg: BenchConfig, wan21_path: Path) -> list[Row]:
+    """model.dtype fp8 against bf16 on a widened tiny Wan 2.1, both in this process: step time (alternated runs)
+    and peak tensor memory of a run counting the denoiser's own weights (the peak probe starts above them)."""
+    import copy
+
+    from diffusers import WanTransformer3DModel
+
+    from .families import get_family
+    from .fp8_base import quantize_family, stored_bytes
+
+    families = {d: get_family("wan21").load(str(wan21_path), dtype=torch.bfloat16) for d in ("fp8", "bf16")}
+    torch.manual_seed(0)
+    folder = fx.root / "wan21_wide"  # saved and loaded as a family loads it: what diffusers keeps in fp32 stays so
+    WanTransformer3DModel.from_config({**families["bf16"].denoiser.config, **FP8_WAN_WIDTH}).save_pretrained(folder)
+    wide = WanTransformer3DModel.from_pretrained(folder, torch_dtype=torch.bfloat16).requires_grad_(False).eval()
+    for d, family in families.items():
+        family.loaded.denoiser = copy.deepcopy(wide)
+    quantize_family(families["fp8"], "cpu")
+    cond = families["bf16"].encode_prompts(["bench"])[0]
+    for family in families.values():
+        family.release_encoders()
+    px, frames = cfg.video_pixels, cfg.video_frames[0]
+    latent = (16, (frames - 1) // 4 + 1, px // 8, px // 8)
+    training_set = _synthetic_set(latent, cond, kind="video", frames=frames, size=px)
+
+    def job(dtype: str) -> dict:
+        return {"job": "fp8", "model": {"family": "wan21", "path": str(wan21_path), "dtype": dtype}, "datasets": [],
+                "network": {"linear": 4, "linear_alpha": 4}, "train": {"batch_size": 1, "lr": 1e-4, "seed": 0}}
+
+    def run(dtype: str) -> Callable[[], float]:
+        steps = cfg.scale_warmup + cfg.scale_steps
+        return lambda: _train_once(fx, job(dtype), families[dtype], training_set, steps, cfg.scale_warmup)
+
+    times_fp8, times_bf16 = _alternate(min(cfg.rounds, 3), run("fp8"), run("bf16"))
+    step_fp8, step_bf16 = _median(times_fp8), _median(times_bf16)
+    time_ratio = _median([a / b for a, b in zip(times_fp8, times_bf16)])
+    weights = {d: stored_bytes(f.denoiser) for d, f in families.items()}
+    peak = {d: peak_tensor_bytes(lambda d=d: _train_once(fx, job(d), families[d], training_set, 2, 0))[0]
+            for d in families}
+    total = {d: weights[d] + peak[d] for d in families}
+    full = full_size_fp8_ratio()
+    return [Row("fp8 base weights", f"{_ms(step_fp8)}, {_mb(total['fp8'])}", f"{_ms(step_bf16)}, {_mb(total['bf16'])} "
+                "(bf16)", f"{time_ratio:.2f}x time, {total['fp8'] / total['bf16']:.2f}x mem", "",
+                f"tiny Wan 2.1 widened to 256 ch x 4 blocks ({_mb(weights['bf16'])} bf16), {px}x{px} px, {frames} "
+                f"frames, batch 1, rank 4; mem = denoiser weights + the run's peak above them; weights alone "
+                f"{weights['fp8'] / weights['bf16']:.2f}x, full-size Wan 2.1 14B {full:.3f}x; time: every fp8 layer "
+                "is dequantized twice a step (forward, backward)",
+                {"step_fp8_s": step_fp8, "step_bf16_s": step_bf16, "time_ratio": time_ratio, "weights": weights,
+                 "peak": peak, "memory_ratio": total["fp8"] / total["bf16"], "full_size_ratio": full})]
+
+
 # ----------------------------------------------------------------------------------------------- the table
 
 
@@ -808,6 +885,7 @@ def run_bench(quick: bool = False, *, config: BenchConfig | None = None, workdir
             emit(bench_cache(fx, cfg, ctx))
             wan = Path(wan21_path) if wan21_path else build_tiny_wan21(root / "wan21")
             emit(bench_scale(fx, cfg, wan))
+            emit(bench_fp8(fx, cfg, wan))
             out("")
             out(f"{len(rows)} rows in {time.perf_counter() - started:.0f} s; load average at the end {_load()}")
     finally:
