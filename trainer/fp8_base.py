@@ -45,7 +45,8 @@ def quantize_tensor(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def dequantize(weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return weight.to(dtype) * scale.to(dtype)
+    # in place: one weight-sized temporary per layer, not two
+    return weight.to(dtype).mul_(scale.to(dtype))
 
 
 class _Fp8Matmul(torch.autograd.Function):
@@ -126,6 +127,9 @@ def denoisers(family) -> list[nn.Module]:
 
 
 def check_device(device: torch.device | str) -> None:
+    if not hasattr(torch, "get_autocast_dtype"):
+        raise JobError("model.dtype", f"fp8 base weights need torch 2.4 or newer (this is {torch.__version__}); "
+                                      "use bf16")
     kind = torch.device(device).type
     if kind not in ("cpu", "cuda"):
         raise JobError("model.dtype", f"fp8 base weights need a CUDA GPU or the CPU; this run is on {kind}. "
