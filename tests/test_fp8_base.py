@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 
-from fixtures_models import tiny_sd15_path, tiny_wan21_path, tiny_wan22_14b_path  # noqa: F401
+from fixtures_models import tiny_flux_path, tiny_sd15_path, tiny_sdxl_path, tiny_wan21_path, tiny_wan22_14b_path  # noqa: F401,E501
 from tests.media import textured_frames, write_caption, write_image, write_video
 from trainer.bench import peak_tensor_bytes
 from trainer.errors import JobError
@@ -232,6 +232,28 @@ def test_training_with_fp8_weights_follows_bf16(family, data, frames, tiny_wan21
     print(f"{family}: max relative loss difference fp8 vs bf16 over 6 steps {diff:.4f}; "
           f"fp8 {[round(x, 4) for x in losses_fp8]} bf16 {[round(x, 4) for x in losses_bf16]}")
     assert diff < 0.05  # same data, noise and timesteps: only the base weights' rounding differs
+
+
+@pytest.mark.parametrize("family", ["sdxl", "flux"])
+def test_the_other_block_layouts_train_with_fp8(family, images, request, tmp_path):
+    """SDXL's UNet (linear projections in its transformer blocks) and Flux (double and single-stream blocks)."""
+    model = request.getfixturevalue(f"tiny_{family}_path")
+    job = parse_job({
+        "job": f"fp8_{family}", "output_dir": str(tmp_path),
+        "model": {"family": family, "path": str(model), "dtype": "fp8"},
+        "datasets": [{"folder_path": str(images), "resolution": [32]}],
+        "network": {"linear": 4, "linear_alpha": 4},
+        "train": {"steps": 2, "lr": 1e-3, "seed": 3, "batch_size": 1},
+        "save": {"every": 2, "keep_last": 1, "resume": "none"},
+    })
+    family_obj = get_family(family).load(str(model), dtype=torch.bfloat16)
+    result = train(job, family=family_obj)
+    assert all(math.isfinite(r["loss"]) for r in result.records) and len(result.records) == 2
+    layers = [n for n, m in family_obj.denoiser.named_modules() if isinstance(m, Fp8Linear)]
+    assert layers and load_file(str(result.lora_path))
+    if family == "flux":
+        assert any(n.startswith("single_transformer_blocks.") for n in layers)
+        assert type(family_obj.denoiser.proj_out) is nn.Linear  # the head stays bf16
 
 
 def test_two_experts_stay_fp8_across_switches(tiny_wan22_14b_path, clips, tmp_path):
