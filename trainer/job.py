@@ -48,6 +48,10 @@ class ModelConfig:
     config: str | None = None
     encoders_from: str | None = None
     vae_file: str | None = None
+    # Wan from single files with no diffusers folder: ComfyUI's umt5 text encoder (models/text_encoders) and, for
+    # wan21_i2v, its CLIP vision tower (models/clip_vision: clip_vision_h.safetensors)
+    text_encoder_file: str | None = None
+    image_encoder_file: str | None = None
     # two-expert families (Wan 2.2 A14B) from single files: `path` is the high-noise expert file, this the
     # low-noise one (both are loaded; shapes alone cannot tell a T2V expert from Wan 2.1 14B, so the family says it)
     low_noise_path: str | None = None
@@ -294,11 +298,33 @@ def _check_expert_files(m: ModelConfig) -> None:
                                                "folder holds both experts (transformer, transformer_2)")
 
 
+WAN_FAMILIES = ("wan21", "wan21_i2v", "wan22_5b", "wan22_14b", "wan22_14b_i2v")
+
+
+def _check_encoder_files(m: ModelConfig) -> None:
+    """The encoder files only where they are used: a Wan single file (a diffusers folder has its own encoders);
+    the CLIP vision file only for Wan 2.1 I2V (the only Wan with an image encoder)."""
+    for key, families, what, why in (
+            ("text_encoder_file", WAN_FAMILIES, "ComfyUI's umt5 text encoder file", "does not use umt5"),
+            ("image_encoder_file", ("wan21_i2v",), "ComfyUI's CLIP vision file (clip_vision_h)", "has no image encoder")):
+        value = getattr(m, key)
+        if value is None:
+            continue
+        if m.family not in families:
+            raise JobError(f"model.{key}", f"{what} is only for {' / '.join(families)}; {m.family} {why}")
+        if not value.lower().endswith(".safetensors"):
+            raise JobError(f"model.{key}", f"must be a .safetensors file ({what}); got {_show(value)}")
+        if not m.path.lower().endswith(".safetensors"):
+            raise JobError(f"model.{key}", "is for a model.path that is a single .safetensors file; a diffusers folder "
+                                           "uses its own encoders")
+
+
 def _model(data: Any) -> ModelConfig:
     from .families import FAMILIES
 
     d = _keys(data, "model", ("family", "path", "dtype", "train_high_noise", "train_low_noise", "config",
-                              "encoders_from", "vae_file", "low_noise_path"), required=("family", "path"))
+                              "encoders_from", "vae_file", "low_noise_path", "text_encoder_file",
+                              "image_encoder_file"), required=("family", "path"))
     fam = d["family"]
     if not isinstance(fam, str) or fam not in FAMILIES:
         raise JobError("model.family", f"unknown family {_show(fam)}; use one of {', '.join(sorted(FAMILIES))}")
@@ -307,8 +333,11 @@ def _model(data: Any) -> ModelConfig:
                     train_high_noise=_bool(d, "train_high_noise", "model", True),
                     train_low_noise=_bool(d, "train_low_noise", "model", True),
                     config=_str(d, "config", "model"), encoders_from=_str(d, "encoders_from", "model"),
-                    vae_file=_str(d, "vae_file", "model"), low_noise_path=_str(d, "low_noise_path", "model"))
+                    vae_file=_str(d, "vae_file", "model"), low_noise_path=_str(d, "low_noise_path", "model"),
+                    text_encoder_file=_str(d, "text_encoder_file", "model"),
+                    image_encoder_file=_str(d, "image_encoder_file", "model"))
     _check_expert_files(m)
+    _check_encoder_files(m)
     given = [k for k in ("train_high_noise", "train_low_noise") if k in d]
     if given:
         from .families import get_family
@@ -653,7 +682,7 @@ def parse_job(data: Any, base_dir: str | Path | None = None, *, require_datasets
     _check_path_text(model.path, "model.path")
     if _looks_like_path(model.path):
         model.path = resolve(model.path, "model.path")
-    for key in ("config", "encoders_from", "vae_file", "low_noise_path"):
+    for key in ("config", "encoders_from", "vae_file", "low_noise_path", "text_encoder_file", "image_encoder_file"):
         if getattr(model, key):
             setattr(model, key, resolve(getattr(model, key), f"model.{key}"))
     if save.resume not in (None, "latest"):
@@ -770,7 +799,8 @@ def job_to_dict(job: Job) -> dict:
                for e, c in net.alpha_schedule_per_expert.items()}
         network.setdefault("alpha_schedule", {"enabled": True})["per_expert"] = per
     model = {k: v for k, v in asdict(job.model).items()
-             if v is not None or k not in ("config", "encoders_from", "vae_file", "low_noise_path")}
+             if v is not None or k not in ("config", "encoders_from", "vae_file", "low_noise_path", "text_encoder_file",
+                                           "image_encoder_file")}
     if job.model.train_high_noise and job.model.train_low_noise:
         model.pop("train_high_noise")
         model.pop("train_low_noise")

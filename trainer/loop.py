@@ -229,7 +229,8 @@ def _train(job, callbacks, family, training_set, extra_items, lora_path, acceler
             m = job.model
             family = load_single_file(m.path, TORCH_DTYPES[m.dtype], load_device, config=m.config,
                                       encoders_from=m.encoders_from, vae_file=m.vae_file, family=m.family,
-                                      low_noise_path=m.low_noise_path)
+                                      low_noise_path=m.low_noise_path, text_encoder_file=m.text_encoder_file,
+                                      image_encoder_file=m.image_encoder_file)
         else:
             family = family_cls.load(job.model.path, dtype=TORCH_DTYPES[job.model.dtype], device=load_device)
     if fp8:  # before any LoRA wraps a layer (the LoRA's base forward is then the fp8 one); also a caller's family

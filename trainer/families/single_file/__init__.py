@@ -96,16 +96,23 @@ def load_single_file(path: str | Path, dtype: torch.dtype, device: torch.device 
                      config: str | Path | dict | None = None, encoders_from: str | Path | None = None,
                      vae_file: str | Path | None = None, encoders=None, family: str | None = None,
                      max_sequence_length: int | None = None, tokenizer_from: str | Path | None = None,
-                     low_noise_path: str | Path | None = None):
+                     low_noise_path: str | Path | None = None, text_encoder_file: str | Path | None = None,
+                     image_encoder_file: str | Path | None = None):
     """A loaded ModelFamily from a single model file. `family`, when given, must be the detected one.
 
     `encoders` (a trainer.comfy_encoders.ExternalEncoders, e.g. ComfyUI's CLIP and VAE) replaces the family's own
     text encoder and VAE; otherwise they come from the file itself (SD checkpoints), from `encoders_from` (a
     diffusers folder of the family, only its encoders are read), `vae_file` (a VAE file), or `tokenizer_from`
     (SD: a CLIP tokenizer folder, which the ComfyUI node layer points at ComfyUI's own). Wan 2.2 A14B is two
-    files: `path` the high-noise expert, `low_noise_path` the low-noise one."""
+    files: `path` the high-noise expert, `low_noise_path` the low-noise one. Wan only: `text_encoder_file`
+    (ComfyUI's umt5 file) and `image_encoder_file` (clip_vision_h, Wan 2.1 I2V), see encoder_files.py."""
     path = Path(path).expanduser()
     shapes = read_shapes(path)
+    if (text_encoder_file is not None or image_encoder_file is not None) and (is_ldm_checkpoint(shapes)
+                                                                              or is_flux_file(shapes)):
+        field = "text_encoder_file" if text_encoder_file is not None else "image_encoder_file"
+        raise ModelError(f"{path}: model.{field} is for Wan models (umt5 / CLIP vision files); this file is an "
+                         "SD / Flux model")
     if is_ldm_checkpoint(shapes):
         variant = detect_sd(path, config=config, shapes=shapes)  # SD 2 / refiner files: "not supported"
         _check_family(path, variant, family)
@@ -118,7 +125,8 @@ def load_single_file(path: str | Path, dtype: torch.dtype, device: torch.device 
     detect_variant(path, config=config, shapes=shapes)  # the clear error for a file that is none of these
     return load_wan_file(path, dtype, device, config=config, encoders_from=encoders_from, vae_file=vae_file,
                          encoders=encoders, family=family, max_sequence_length=max_sequence_length,
-                         low_noise_path=low_noise_path)
+                         low_noise_path=low_noise_path, text_encoder_file=text_encoder_file,
+                         image_encoder_file=image_encoder_file)
 
 
 def _check_family(path: Path, variant: Variant, family: str | None) -> None:

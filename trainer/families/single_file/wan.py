@@ -39,6 +39,12 @@ from .common import (
     read_shapes,
     require_config_match,
 )
+from .encoder_files import (
+    attach_image_encoder_file,
+    check_image_encoder_file,
+    check_text_encoder_file,
+    load_text_encoder_file,
+)
 from .wan22 import EXPERT_FAMILIES, attach_low_noise_expert, encoder_folder_family, expert_variant, load_wan22_vae_file
 
 # ComfyUI saves checkpoints with this prefix; UNETLoader files usually have none.
@@ -234,13 +240,16 @@ def load_wan_vae_file(path: str | Path, device: torch.device | str = "cpu"):
 def load_wan_file(path: str | Path, dtype: torch.dtype, device: torch.device | str = "cpu", *,
                   config: str | Path | dict | None = None, encoders_from: str | Path | None = None,
                   vae_file: str | Path | None = None, encoders=None, family: str | None = None,
-                  max_sequence_length: int | None = None, low_noise_path: str | Path | None = None):
+                  max_sequence_length: int | None = None, low_noise_path: str | Path | None = None,
+                  text_encoder_file: str | Path | None = None, image_encoder_file: str | Path | None = None):
     """A loaded Wan family from a Wan diffusion-model file (Wan 2.2 A14B: `path` is the high-noise expert and
     `low_noise_path` the low-noise one, see wan22.py).
 
     Text encoding and VAE: `encoders` (a trainer.comfy_encoders.ExternalEncoders) wins; otherwise the text
-    encoder and tokenizer come from the Wan diffusers folder `encoders_from`, the VAE from `vae_file` or that
-    folder. `family`, when given, must be the detected variant's family."""
+    encoder and tokenizer come from ComfyUI's umt5 file `text_encoder_file` or the Wan diffusers folder
+    `encoders_from`, the VAE from `vae_file` or that folder, Wan 2.1 I2V's CLIP vision tower from
+    `image_encoder_file` or that folder (encoder_files.py). `family`, when given, must be the detected variant's
+    family."""
     from ..base import LoadedModel
     from ..wan21 import DEFAULT_FLOW_SHIFT, DEFAULT_MAX_SEQUENCE_LENGTH
     from .. import get_family
@@ -254,18 +263,26 @@ def load_wan_file(path: str | Path, dtype: torch.dtype, device: torch.device | s
     family_cls = get_family(variant.family)
     needs_text = encoders is None or encoders.encode_prompts is None
     needs_vae = encoders is None or encoders.encode_pixels is None
-    if (needs_text or (needs_vae and vae_file is None)) and encoders_from is None:
-        missing = [n for n, need in (("text encoder", needs_text), ("VAE", needs_vae and vae_file is None)) if need]
+    text_from_file = needs_text and text_encoder_file is not None
+    if ((needs_text and not text_from_file) or (needs_vae and vae_file is None)) and encoders_from is None:
+        missing = [n for n, need in (("text encoder", needs_text and not text_from_file),
+                                     ("VAE", needs_vae and vae_file is None)) if need]
         vae_name = "Wan 2.2" if variant.family == "wan22_5b" else "Wan 2.1"
         raise ModelError(f"{path}: a Wan diffusion-model file holds only the transformer; the {' and '.join(missing)} "
                          f"must come from elsewhere: connect ComfyUI's CLIP (umt5) and VAE ({vae_name}) to the Train "
-                         f"node, {'give the VAE file as vae_file, ' if vae_name == 'Wan 2.2' else ''}or give a "
+                         f"node, give the umt5 file as text_encoder_file and the VAE file as vae_file, or give a "
                          "Wan diffusers folder as encoders_from")
     needs_image = variant.family == "wan21_i2v" and getattr(encoders, "encode_image", None) is None
-    if needs_image and encoders_from is None:
+    if needs_image and encoders_from is None and image_encoder_file is None:
         raise ModelError(f"{path}: is {variant.description}; its CLIP image encoder must come from elsewhere: "
                          "connect ComfyUI's CLIP vision (CLIPVisionLoader, clip_vision_h.safetensors) to the Train "
-                         "node, or give a Wan I2V diffusers folder as encoders_from")
+                         "node, give that file as image_encoder_file, or give a Wan I2V diffusers folder as "
+                         "encoders_from")
+    if text_from_file:  # headers only: a wrong file is refused before the transformer loads
+        check_text_encoder_file(text_encoder_file, text_dim=variant.config.get("text_dim"),
+                                tokenizer_from=encoders_from)
+    if needs_image and image_encoder_file is not None:
+        check_image_encoder_file(image_encoder_file, image_dim=variant.config.get("image_dim"))
     length = max_sequence_length or DEFAULT_MAX_SEQUENCE_LENGTH
     transformer = load_wan_transformer(path, variant, dtype, device)
 
@@ -284,7 +301,7 @@ def load_wan_file(path: str | Path, dtype: torch.dtype, device: torch.device | s
             raise ModelError(f"{folder}: text_encoder d_model {configs['text'].get('d_model')} != the file's "
                              f"text_dim {transformer.config.text_dim}")
         try:
-            if needs_text:
+            if needs_text and not text_from_file:
                 text_encoders = [UMT5EncoderModel.from_pretrained(folder, subfolder="text_encoder",
                                                                   torch_dtype=dtype)]
                 tokenizers = [AutoTokenizer.from_pretrained(folder, subfolder="tokenizer")]
@@ -300,6 +317,10 @@ def load_wan_file(path: str | Path, dtype: torch.dtype, device: torch.device | s
         shift = scheduler_shift(configs["scheduler"]) if folder_family == variant.family else None
         flow_shift = shift if shift is not None else flow_shift
         boundary_ratio = configs["index"].get("boundary_ratio") if folder_family == variant.family else None
+    if text_from_file:
+        encoder, tokenizer = load_text_encoder_file(text_encoder_file, dtype, device, tokenizer_from=encoders_from,
+                                                    text_dim=transformer.config.text_dim)
+        text_encoders, tokenizers = [encoder], [tokenizer]
     if needs_vae and vae_file is not None:
         vae = (load_wan22_vae_file if variant.family == "wan22_5b" else load_wan_vae_file)(vae_file, device)
 
@@ -319,7 +340,9 @@ def load_wan_file(path: str | Path, dtype: torch.dtype, device: torch.device | s
     model.temporal_factor = scale_temporal
     if low_noise is not None:
         attach_low_noise_expert(model, low_noise, variant, dtype, boundary_ratio)
-    if needs_image:
+    if needs_image and image_encoder_file is not None:
+        attach_image_encoder_file(image_encoder_file, model)
+    elif needs_image:
         from ..wan21_i2v import load_image_encoder
 
         load_image_encoder(str(Path(encoders_from).expanduser()), model)
