@@ -6,6 +6,7 @@ weights gives, and a job file of files alone must train to the folder's loss cur
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import subprocess
 
@@ -19,7 +20,7 @@ from fixtures_models import tiny_wan21_i2v_path, tiny_wan21_path  # noqa: F401
 from tests.e2e.tiny_text_encoder import train_sentencepiece
 from tests.media import textured_frames, write_caption, write_video
 from test_single_file_fp8 import write_scaled
-from trainer.errors import JobError
+from trainer.errors import JobError, ModelError
 from trainer.families import get_family
 from trainer.families.single_file import load_single_file
 from trainer.families.single_file.encoder_files import (
@@ -193,6 +194,47 @@ def files_family(files, dtype=torch.float32, **kw):
                             vae_file=files["vae"], **kw)
 
 
+# ---------------------------------------------------------------------------------------------- released sizes
+
+
+def test_released_file_shapes_give_the_released_architectures(tmp_path):
+    """Header-only files with the shapes of ComfyUI's umt5_xxl_fp16 (11.4 GB: 5.7e9 parameters) and clip_vision_h
+    (1.26 GB: 6.3e8) give back the release's configs: heads, widths and layers read from the shapes."""
+    from accelerate import init_empty_weights
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection, UMT5Config, UMT5EncoderModel
+
+    from family_helpers import header_only_file
+    from trainer.families.single_file.encoder_files import (
+        CLIP_VISION_H_DIR,
+        UMT5_DIR,
+        check_image_encoder_file,
+        check_text_encoder_file,
+        clip_vision_config,
+        umt5_config,
+    )
+
+    released = json.loads((UMT5_DIR / "config.json").read_text())
+    with init_empty_weights():
+        umt5 = UMT5EncoderModel(UMT5Config(**{k: v for k, v in released.items() if k != "architectures"}))
+    shapes = {k: tuple(v.shape) for k, v in umt5.state_dict().items() if k != "encoder.embed_tokens.weight"}
+    assert 5.5e9 < sum(math.prod(s) for s in shapes.values()) < 5.9e9
+    te = tmp_path / "umt5_xxl_fp16.safetensors"
+    header_only_file(te, {**shapes, "spiece_model": (4_548_313,)})
+    facts = check_text_encoder_file(te, text_dim=4096)
+    assert umt5_config(facts).to_dict() == umt5.config.to_dict()
+    clip_released = json.loads((CLIP_VISION_H_DIR / "config.json").read_text())
+    with init_empty_weights():
+        clip = CLIPVisionModelWithProjection(CLIPVisionConfig(**{k: v for k, v in clip_released.items()
+                                                                 if k != "architectures"}))
+    shapes = {k: tuple(v.shape) for k, v in clip.state_dict().items()}
+    assert 6.2e8 < sum(math.prod(s) for s in shapes.values()) < 6.4e8
+    ie = tmp_path / "clip_vision_h.safetensors"
+    header_only_file(ie, {**shapes, "vision_model.embeddings.position_ids": (1, 257)})
+    config = clip_vision_config(check_image_encoder_file(ie, image_dim=1280))
+    assert config.to_dict() == clip.config.to_dict()
+    assert (config.num_attention_heads, config.hidden_size, config.num_hidden_layers) == (16, 1280, 32)
+
+
 # ---------------------------------------------------------------------------------------------- text encoder
 
 
@@ -306,7 +348,7 @@ def test_scaled_fp8_umt5_file_loads_dequantized(t2v, tmp_path):
 # ---------------------------------------------------------------------------------------------- image encoder
 
 
-def test_clip_vision_file_loads_the_folders_image_encoder_exactly(i2v):
+def test_clip_vision_file_loads_the_folders_image_encoder_exactly(i2v, tmp_path):
     from transformers import CLIPVisionModel
 
     encoder = load_clip_vision_file(i2v["image"], image_dim=CLIP_WIDTH)
@@ -317,6 +359,16 @@ def test_clip_vision_file_loads_the_folders_image_encoder_exactly(i2v):
     for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "patch_size",
                 "image_size", "hidden_act", "layer_norm_eps"):
         assert getattr(encoder.config, key) == getattr(reference.config, key), key
+    # older transformers saved the position ids buffer too: not a weight, read past
+    with_ids = tmp_path / "clip_vision_h_position_ids.safetensors"
+    save_file({**i2v["clip"].state_dict(), "vision_model.embeddings.position_ids": torch.arange(257)[None]},
+              str(with_ids))
+    again = load_clip_vision_file(with_ids).state_dict()
+    assert all(torch.equal(again[k], want[k]) for k in want)
+    broken = tmp_path / "clip_vision_extra.safetensors"
+    save_file({**i2v["clip"].state_dict(), "vision_model.encoder.layers.0.extra.weight": torch.ones(2)}, str(broken))
+    with pytest.raises(ModelError, match="do not fill a CLIP vision tower.*unexpected.*extra.weight"):
+        load_clip_vision_file(broken)
 
 
 def test_image_and_text_encodings_equal_the_folders(i2v):

@@ -45,7 +45,9 @@ CLIP_VISION_FILES = "models/clip_vision: clip_vision_h.safetensors"
 _T5_BLOCK = re.compile(r"^encoder\.block\.(\d+)\.")
 _CLIP_LAYER = re.compile(r"^encoder\.layers\.(\d+)\.")
 _VISION_PREFIX = "vision_model."
-_UNUSED_VISION_KEYS = ("visual_projection.weight",)  # CLIPVisionModelWithProjection's; Wan reads hidden_states[-2]
+# CLIPVisionModelWithProjection's projection (Wan reads hidden_states[-2]) and the position-id buffer older
+# transformers versions saved (0..n-1, not a weight)
+_UNUSED_VISION_KEYS = ("visual_projection.weight", "vision_model.embeddings.position_ids")
 
 
 def _json(path: Path) -> dict:
@@ -321,7 +323,7 @@ def load_clip_vision_file(path, device: torch.device | str = "cpu", *, image_dim
     path = Path(path).expanduser()
     facts = check_image_encoder_file(path, image_dim=image_dim, field=field)
     shapes = read_shapes(path)
-    names = _vision_names(shapes)
+    names = {k: v for k, v in _vision_names(shapes).items() if v not in _UNUSED_VISION_KEYS}
     left_over = [k for k in shapes if k not in names.values() and k not in _UNUSED_VISION_KEYS]
     with init_empty_weights():
         model = CLIPVisionModel(clip_vision_config(facts))
