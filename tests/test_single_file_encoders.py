@@ -9,6 +9,7 @@ import json
 import math
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -543,3 +544,92 @@ def test_comfyuis_own_tokenizer_gives_our_ids(t2v):
     theirs = json.loads(run.stdout.strip().splitlines()[-1])
     _, ours = load_text_encoder_file(t2v["text"], torch.float32)
     assert [ours(c).input_ids for c in CAPTIONS] == theirs
+
+
+def test_comfyuis_own_encoding_of_a_umt5_file_equals_ours(tmp_path):
+    """ComfyUI's CLIPLoader (type wan) on a umt5 file, through trainer.comfy_encoders (what the Train node does),
+    against the headless path on the same file: model.text_encoder_file -> Wan21.encode_prompts. Local check with
+    real ComfyUI (COMFYUI_ROOT), skipped in CI."""
+    from tests.e2e.comfy_env import require_comfyui
+
+    root, python = require_comfyui()
+    from diffusers.pipelines.wan.pipeline_wan import prompt_clean
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer, UMT5EncoderModel
+
+    from tests.e2e.tiny_text_encoder import build_tiny_umt5
+    from trainer.families.base import LoadedModel
+    from trainer.families.wan21 import Wan21
+
+    text = build_tiny_umt5(tmp_path / "umt5")  # ComfyUI-loadable: 24 blocks x 4096, spiece_model inside
+    captions = ["a moving texture number 3", "a (red:1.5) fox \\ jumps, over the [lazy] dog",
+                "Zebra ünïcode 漢字  over   the dog", " ".join(["slow motion video of waves"] * 120)]
+    (tmp_path / "captions.json").write_text(json.dumps([prompt_clean(c) for c in captions]))
+    script = Path(__file__).resolve().parent / "e2e" / "comfy_umt5_encode.py"
+    run = subprocess.run([str(python), str(script), str(text["comfy_file"]), str(text["comfy_config"]),
+                          str(tmp_path / "captions.json"), str(tmp_path / "comfy.safetensors")], cwd=str(root),
+                         capture_output=True, text=True, timeout=900, stdin=subprocess.DEVNULL)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    comfy = load_file(str(tmp_path / "comfy.safetensors"))
+
+    def family(encoder, tokenizer):
+        return Wan21(LoadedModel(denoiser=torch.nn.Identity(), text_encoders=[encoder], tokenizers=[tokenizer],
+                                 extra={"max_sequence_length": 512, "dtype": torch.float32}))
+
+    ours = family(*load_text_encoder_file(text["comfy_file"], torch.float32)).encode_prompts(captions)
+    folder = family(UMT5EncoderModel.from_pretrained(str(text["text_encoder"])).eval(),
+                    AutoTokenizer.from_pretrained(str(text["tokenizer"]))).encode_prompts(captions)
+    worst = 0.0
+    for i, caption in enumerate(captions):
+        a, b = ours[i]["encoder_hidden_states"], comfy[f"h{i}"]
+        assert torch.equal(a, folder[i]["encoder_hidden_states"]), caption[:40]
+        assert a.shape == b.shape == (512, 4096)
+        worst = max(worst, (a - b).abs().max().item())
+        assert (a - b).abs().max().item() < 1e-4 * max(1.0, a.abs().max().item()), caption[:40]
+    print(f"max |ComfyUI - text_encoder_file| prompt embedding difference {worst:.3e}")
+
+
+def test_comfyuis_own_clip_vision_of_the_file_equals_ours(tmp_path, monkeypatch):
+    """ComfyUI's CLIPVisionLoader on a clip_vision_h-layout file, through the wan21_i2v adapter (the Train node's
+    path), against model.image_encoder_file on the same file. Local check with real ComfyUI, skipped in CI."""
+    from tests.e2e.comfy_env import require_comfyui
+
+    root, python = require_comfyui()
+    from safetensors.torch import load_file
+    from transformers import CLIPVisionModel
+
+    from tests.e2e import tiny_clip_vision
+    from tests.e2e.test_comfyui_clip_vision import first_frames
+    from trainer.comfy_encoders.wan_image import wan_image_processor
+    from trainer.families.base import LoadedModel
+    from trainer.families.wan21_i2v import Wan21I2V
+
+    # ComfyUI's ViT-H detection needs 32 layers; two heads of ViT-H's width 80 (the e2e tower's heads are 8 wide)
+    monkeypatch.setattr(tiny_clip_vision, "WIDTH", CLIP_WIDTH)
+    vision = tiny_clip_vision.build_tiny_clip_vision(tmp_path / "clip_vision")
+    images = first_frames()
+    save_file({f"image{i}": torch.from_numpy(im) for i, im in enumerate(images)}, str(tmp_path / "frames.safetensors"))
+    script = Path(__file__).resolve().parent / "e2e" / "comfy_clip_vision_encode.py"
+    run = subprocess.run([str(python), str(script), str(vision["comfy_file"]), str(vision["comfy_config"]),
+                          str(tmp_path / "clip_vision"), str(tmp_path / "frames.safetensors"),
+                          str(tmp_path / "comfy.safetensors")], cwd=str(root), capture_output=True, text=True,
+                         timeout=900, stdin=subprocess.DEVNULL)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    comfy = load_file(str(tmp_path / "comfy.safetensors"))
+
+    def embed(encoder):
+        family = Wan21I2V(LoadedModel(denoiser=torch.nn.Identity(), extra={
+            "dtype": torch.float32, "image_encoder": encoder, "image_processor": wan_image_processor()}))
+        return torch.cat([family.encode_first_frame_clip(
+            (torch.from_numpy(im).permute(2, 0, 1).float() / 127.5 - 1.0)[None, :, None]) for im in images])
+
+    ours = embed(load_clip_vision_file(vision["comfy_file"], image_dim=CLIP_WIDTH))
+    folder = embed(CLIPVisionModel.from_pretrained(str(vision["image_encoder"]), torch_dtype=torch.float32).eval())
+    assert torch.equal(ours, folder)
+    assert ours.shape == comfy["adapter"].shape == (4, 257, CLIP_WIDTH)
+    scale = ours.abs().max().item()
+    worst = (ours - comfy["adapter"]).abs().max().item()
+    unresized = (ours[3] - comfy["adapter"][3]).abs().max().item()
+    print(f"max |ComfyUI CLIP vision - image_encoder_file| {worst:.3e} ({unresized:.3e} for the 224 frame; "
+          f"embedding max {scale:.2f})")
+    assert unresized < 1e-5 * max(1.0, scale) and worst < 1e-5 * max(1.0, scale)
