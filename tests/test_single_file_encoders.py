@@ -468,7 +468,7 @@ def _refused(field, match, **kwargs):
     return err.value
 
 
-def test_wrong_encoder_files_name_the_field_before_loading(t2v, i2v, tmp_path, no_transformer_load):
+def test_wrong_encoder_files_name_the_field_before_loading(t2v, i2v, tmp_path, no_transformer_load, monkeypatch):
     clip_l = tmp_path / "clip_l.safetensors"
     save_file({"text_model.encoder.layers.0.layer_norm1.weight": torch.ones(768),
                "text_model.embeddings.token_embedding.weight": torch.zeros(8, 768)}, str(clip_l))
@@ -495,6 +495,10 @@ def test_wrong_encoder_files_name_the_field_before_loading(t2v, i2v, tmp_path, n
     state["vision_model.embeddings.position_embedding.weight"] = torch.zeros(577, CLIP_WIDTH)
     save_file(state, str(odd))
     _refused("model.image_encoder_file", "336-pixel images", image_encoder_file=odd, **i2v_base)
+    from trainer.families.single_file import encoder_files
+
+    monkeypatch.setattr(encoder_files, "_protobuf_available", lambda: False)  # ComfyUI's own venv lacks it
+    _refused("model.text_encoder_file", "needs the protobuf package", text_encoder_file=t2v["text"], **base)
 
 
 def test_job_file_checks_the_encoder_fields(t2v, i2v, tmp_path):

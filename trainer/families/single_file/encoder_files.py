@@ -10,8 +10,10 @@
   counts read from the shapes (UMT5 has a relative-attention table in every block: [buckets, heads]).
   The tokenizer is transformers' T5Tokenizer over the file's SentencePiece model with the release's 300 sentinel
   tokens: the same class and vocabulary as the folders' tokenizer/ (google/umt5-xxl's), so the ids are the
-  folder's; for ordinary text they are also ComfyUI's (SentencePiece itself). A file without ``spiece_model``
-  takes the tokenizer of ``model.encoders_from``.
+  folder's; for ordinary text they are also ComfyUI's (SentencePiece itself). They differ from ComfyUI's only
+  where the folder's do too: a literal "<extra_id_N>" is a sentinel token, and transformers' T5Tokenizer gives
+  characters outside the vocabulary id 2 where SentencePiece gives umt5's <unk> (3). A file without
+  ``spiece_model`` takes the tokenizer of ``model.encoders_from``.
 - ``model.image_encoder_file`` (Wan 2.1 I2V): CLIP ViT-H/14's vision tower from models/clip_vision
   (``clip_vision_h.safetensors``), under transformers' CLIPVisionModelWithProjection names (``vision_model.*``
   and ``visual_projection.weight``, as comfy/clip_vision.py loads it), into transformers' CLIPVisionModel (the
