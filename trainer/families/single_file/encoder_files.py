@@ -209,7 +209,7 @@ def umt5_tokenizer(spiece: bytes, vocab_rows: int, source="the text encoder file
     import sentencepiece as spm
     from transformers import T5Tokenizer
 
-    facts = _json(UMT5_DIR / "tokenizer.json")
+    facts = _json(UMT5_DIR / "tokenizer_facts.json")
     try:
         pieces = spm.SentencePieceProcessor(model_proto=spiece).get_piece_size()
     except Exception as e:  # sentencepiece raises RuntimeError / OSError for a corrupt proto
