@@ -79,17 +79,34 @@ def load_config_argument(config: str | Path | dict) -> dict:
 
 
 
-def _read_tensors(path: Path, names: dict[str, str], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """The tensors under their stripped names, each cast to `dtype` as it is read (peak memory: one file); the
-    scaled float8 weights of a scaled-fp8 file come out dequantized as ComfyUI computes them (quantized.py)."""
+def _read_tensors(path: Path, names: dict[str, str], dtype: torch.dtype,
+                  stored_dtype: bool = False) -> dict[str, torch.Tensor]:
+    """The tensors under their stripped names, each cast to `dtype` as it is read (peak memory: one file), or
+    left in the dtype the file stores them in with `stored_dtype` (the caller casts them after converting the
+    names, see cast_like_from_pretrained); the scaled float8 weights of a scaled-fp8 file come out dequantized
+    to `dtype` as ComfyUI computes them (quantized.py)."""
     from safetensors import safe_open
 
     quantization = file_quantization(path)
     out = {}
     with safe_open(str(path), framework="pt") as f:
         for name, original in names.items():
-            out[name] = quantization.read(f, original, dtype) if quantization else f.get_tensor(original).to(dtype)
+            if quantization and original in quantization.scales:
+                out[name] = quantization.read(f, original, dtype)
+            else:
+                tensor = f.get_tensor(original)
+                out[name] = tensor if stored_dtype else tensor.to(dtype)
     return out
+
+
+def cast_like_from_pretrained(state: dict[str, torch.Tensor], model_cls, dtype: torch.dtype) -> None:
+    """Cast a converted state dict in place the way diffusers' from_pretrained(torch_dtype=dtype) casts a folder's
+    weights: the model class's _keep_in_fp32_modules (Wan: time embedder, modulation tables, norms) go to float32
+    from the file's values, everything else to `dtype`. One tensor at a time, so the peak stays one file."""
+    keep = tuple(getattr(model_cls, "_keep_in_fp32_modules", None) or ())
+    for key in list(state):
+        fp32 = any(m in key.split(".") for m in keep)
+        state[key] = state[key].to(torch.float32 if fp32 else dtype)
 
 
 

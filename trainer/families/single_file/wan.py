@@ -35,6 +35,7 @@ from .common import (
     _describe_facts,
     _read_tensors,
     assign_strictly,
+    cast_like_from_pretrained,
     load_config_argument,
     read_shapes,
     require_config_match,
@@ -203,13 +204,14 @@ def load_wan_transformer(path: str | Path, variant: Variant, dtype: torch.dtype,
 
     path = Path(path)
     _, names = strip_wan_prefix(read_shapes(path))
-    state = convert_wan_transformer_to_diffusers(_read_tensors(path, names, dtype))
+    state = convert_wan_transformer_to_diffusers(_read_tensors(path, names, dtype, stored_dtype=True))
+    cast_like_from_pretrained(state, WanTransformer3DModel, dtype)  # as the folder loads: some modules in fp32
     config = {k: v for k, v in variant.config.items() if not k.startswith("_")}
     with init_empty_weights():
         model = WanTransformer3DModel.from_config(config)
     assign_strictly(path, {"transformer": model}, {"transformer": state},
                     f"the {variant.name} transformer ({variant.description})")
-    return model.to(device=device, dtype=dtype)
+    return model.to(device)
 
 
 def load_wan_vae_file(path: str | Path, device: torch.device | str = "cpu"):
