@@ -637,3 +637,23 @@ def test_comfyuis_own_clip_vision_of_the_file_equals_ours(tmp_path, monkeypatch)
     print(f"max |ComfyUI CLIP vision - image_encoder_file| {worst:.3e} ({unresized:.3e} for the 224 frame; "
           f"embedding max {scale:.2f})")
     assert unresized < 1e-5 * max(1.0, scale) and worst < 1e-5 * max(1.0, scale)
+
+
+def test_a_run_checks_the_encoder_files_before_the_dataset_scan(t2v, tmp_path):
+    # the run's cheap checks read the encoder file headers right after the model file's: with a missing dataset
+    # folder too, the wrong text encoder file is what the user hears about first
+    from trainer.loop import train
+
+    clip_l = tmp_path / "clip_l.safetensors"
+    save_file({"text_model.encoder.layers.0.layer_norm1.weight": torch.ones(768),
+               "text_model.embeddings.token_embedding.weight": torch.zeros(8, 768)}, str(clip_l))
+    job = parse_job({
+        "job": "early", "output_dir": str(tmp_path / "out"),
+        "model": {"family": "wan21", "path": str(t2v["transformer"]), "dtype": "fp32", "config": str(t2v["config"]),
+                  "text_encoder_file": str(clip_l), "vae_file": str(t2v["vae"])},
+        "datasets": [{"folder_path": str(tmp_path / "no_such_folder"), "resolution": [32], "num_frames": 5}],
+        "network": {"linear": 4, "linear_alpha": 4}, "train": {"steps": 2},
+    })
+    with pytest.raises(JobError, match="CLIP-L") as err:
+        train(job)
+    assert err.value.field == "model.text_encoder_file"

@@ -196,9 +196,11 @@ def _train(job, callbacks, family, training_set, extra_items, lora_path, acceler
     # a single model file, for the families that load one (Wan 2.1); others get check_folder's "is a file"
     single_file = family is None and Path(job.model.path).is_file() and hasattr(family_cls, "from_single_file")
     if single_file:
-        from .families.single_file import detect_variant
+        from .families.single_file import check_encoder_files, detect_variant
 
-        detect_variant(job.model.path, config=job.model.config)  # the file's header only: a wrong file in a second
+        # the files' headers only: a wrong model or encoder file fails in a second, before the dataset scan
+        variant = detect_variant(job.model.path, config=job.model.config)
+        check_encoder_files(job.model, variant)
     elif family is None and hasattr(family_cls, "check_folder"):
         family_cls.check_folder(job.model.path)  # configs only: "not this family" in a second
     from .data.training_set import TrainingSet, scan_datasets

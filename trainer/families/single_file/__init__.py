@@ -133,3 +133,15 @@ def _check_family(path: Path, variant: Variant, family: str | None) -> None:
     if family is not None and family != variant.family:
         raise ModelError(f"{path}: is {variant.description}, trained by model.family '{variant.family}', "
                          f"not '{family}'")
+
+
+def check_encoder_files(model, variant: Variant) -> None:
+    """The headers of a job's encoder files (model.text_encoder_file / image_encoder_file) against the detected
+    variant: the run's cheap checks call this so a wrong file fails before the dataset scan and any loading."""
+    from .encoder_files import check_image_encoder_file, check_text_encoder_file
+
+    if getattr(model, "text_encoder_file", None):
+        check_text_encoder_file(model.text_encoder_file, text_dim=variant.config.get("text_dim"),
+                                tokenizer_from=getattr(model, "encoders_from", None))
+    if getattr(model, "image_encoder_file", None):
+        check_image_encoder_file(model.image_encoder_file, image_dim=variant.config.get("image_dim"))
