@@ -86,6 +86,8 @@ def _call_name(node: ast.Call) -> str:
         f = f.value
     if isinstance(f, ast.Name):
         parts.append(f.id)
+    elif parts:  # a method of a call's result, e.g. X(...).eval(): not the builtin eval
+        parts.append("<expr>")
     return ".".join(reversed(parts))
 
 
@@ -130,7 +132,8 @@ def test_the_scan_would_see_an_unsafe_call(tmp_path):
     (bad / "m.py").write_text("import torch, pickle, yaml, numpy as np\n"
                               "torch.load('x')\ntorch.load('x', weights_only=False)\npickle.loads(b'')\n"
                               "yaml.load('a')\nnp.load('x', allow_pickle=True)\n"
-                              "M.from_pretrained('p', trust_remote_code=True)\ntorch.load('x', weights_only=True)\n")
+                              "M.from_pretrained('p', trust_remote_code=True)\ntorch.load('x', weights_only=True)\n"
+                              "M(1).eval()\n")
     found = unsafe_calls(bad)
     assert [f.split(" ", 1)[0] for f in found] == [f"bad/m.py:{n}" for n in (2, 3, 4, 5, 6, 7)], found
 
