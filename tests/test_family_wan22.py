@@ -201,6 +201,27 @@ def test_ti2v_datasets_choose_i2v_and_the_cache_keeps_them_apart(ti2v, tmp_path)
         assert torch.equal(a.latent, b.latent) and all(torch.equal(a.cond[k], b.cond[k]) for k in a.cond)
 
 
+def test_ti2v_loss_counts_only_the_predicted_frames(ti2v):
+    # The given first frame of an I2V item must not dilute the loss: the mean runs over the other frames only
+    # (the old plain mean was the masked one times (F - 1) / F), and a T2V item counts every frame.
+    from trainer.families.base import masked_mse
+
+    shape = torch.Size([2, 48, 3, 2, 2])
+    cond = {"i2v": torch.tensor([0.0, 1.0])}
+    mask = ti2v.loss_mask(cond, shape)
+    assert mask.shape == (2, 1, 3, 2, 2) and mask[0].eq(1).all()
+    assert mask[1, :, 0].eq(0).all() and mask[1, :, 1:].eq(1).all()
+    pred, target = torch.randn(shape), torch.randn(shape)
+    target[1, :, 0] = pred[1, :, 0]  # what predict returns on the given frame
+    per_item = masked_mse(pred, target, mask, per_item=True)
+    torch.testing.assert_close(per_item[0], (pred[0] - target[0]).square().mean())
+    torch.testing.assert_close(per_item[1], (pred[1, :, 1:] - target[1, :, 1:]).square().mean())
+    whole = masked_mse(pred, target, mask)
+    sq = (pred - target).square()
+    torch.testing.assert_close(whole, (sq[0].sum() + sq[1, :, 1:].sum()) / (sq[0].numel() + sq[1, :, 1:].numel()))
+    assert masked_mse(pred, target) == torch.nn.functional.mse_loss(pred, target)  # no mask: the plain mean
+
+
 def test_ti2v_i2v_run_learns_transitions_and_exports(tiny_wan22_5b_path, tmp_path):
     data = clip_folder(tmp_path, "clips")
     spec = {
@@ -220,7 +241,12 @@ def test_ti2v_i2v_run_learns_transitions_and_exports(tiny_wan22_5b_path, tmp_pat
     video = next(i for i, s in enumerate(ts.samples) if s.item.kind == "video")
     probe = FixedNoiseProbe(ts, fam, items=2)
     before = probe.loss()
+    masks = []
+    loss_mask = fam.loss_mask
+    fam.loss_mask = lambda cond, shape: masks.append(loss_mask(cond, shape)) or masks[-1]  # the loop asks for it
     result = train(job, family=fam, training_set=ts)
+    del fam.loss_mask
+    assert len(masks) >= 200 and any(m[:, :, 0].eq(0).all() for m in masks)
     assert [t["to_phase"] for t in result.transitions] == ["emphasis"]
     assert [r["step"] for r in read_records(job.metrics_path)] == list(range(1, 201))
     sd = load_file(str(result.lora_path))

@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, set_seed
 
@@ -24,6 +23,7 @@ from .errors import CheckpointError, InterruptedTraining, TrainerError
 from .export import comfy_state_dict, lora_metadata, save_lora
 from .health import DEFAULT_EVERY as HEALTH_EVERY, HealthMonitor
 from .families import get_family
+from .families.base import masked_mse
 from .job import Job
 from .lora import LoRANetwork
 from .metrics import MetricsLog, read_records
@@ -419,7 +419,8 @@ def _train(job, callbacks, family, training_set, extra_items, lora_path, acceler
                 with nullcontext() if direct else accelerator.accumulate(unit.denoiser):
                     with accelerator.autocast() if amp or not direct else nullcontext():
                         pred = family.predict(noisy, cond, **kw)
-                    loss = F.mse_loss(pred.float(), noisy.target.to(device, torch.float32))
+                    loss = masked_mse(pred.float(), noisy.target.to(device, torch.float32),
+                                      family.loss_mask(cond, pred.shape))
                     if direct:  # what accelerator.backward does here; x / 1 would change no bit: left out
                         (loss / accumulation if accumulation != 1 else loss).backward()
                     else:

@@ -17,7 +17,8 @@ from __future__ import annotations
 from contextlib import contextmanager
 
 import torch
-import torch.nn.functional as F
+
+from .families.base import masked_mse
 
 
 def quantile_midpoints(n: int, lo: float = 0.0, hi: float = 1.0) -> torch.Tensor:
@@ -84,7 +85,7 @@ class FixedNoiseProbe:
                     c = {k: v.to(dev, dt).expand(b - a, *v.shape[1:]) for k, v in cond.items()}
                     pred = fam.predict(noisy, c).float()
                     target = noisy.target.to(dev, torch.float32)
-                    total[a:b] += F.mse_loss(pred, target, reduction="none").flatten(1).mean(1).double().cpu()
+                    total[a:b] += masked_mse(pred, target, fam.loss_mask(c, pred.shape), per_item=True).double().cpu()
         per_t = total / len(self.batches)
         return (float(per_t.mean()), per_t.tolist()) if per_timestep else float(per_t.mean())
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -133,6 +134,26 @@ class ModelFamily:
 
     def predict(self, noisy: NoisyBatch, cond: dict[str, torch.Tensor]) -> torch.Tensor:
         raise NotImplementedError
+
+    def loss_mask(self, cond: dict[str, torch.Tensor], shape: torch.Size) -> torch.Tensor | None:
+        """Where the loss counts, broadcastable to a prediction of `shape` (1 = counted, 0 = not), or None for
+        everywhere. Positions the model is given rather than asked for (e.g. an image-to-video first frame)
+        must not dilute the mean."""
+        return None
+
+
+def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None,
+               per_item: bool = False) -> torch.Tensor:
+    """The MSE over the positions `mask` counts (all when None), as one number or one per item."""
+    if mask is None:
+        if per_item:
+            return F.mse_loss(pred, target, reduction="none").flatten(1).mean(1)
+        return F.mse_loss(pred, target)
+    mask = mask.to(pred.device, pred.dtype).expand_as(pred)
+    squared = (pred - target).square() * mask
+    if per_item:
+        return squared.flatten(1).sum(1) / mask.flatten(1).sum(1).clamp_min(1)
+    return squared.sum() / mask.sum().clamp_min(1)
 
     # ---- LoRA targets and export names ----
     def target_modules(self, linear_rank: int, conv_rank: int) -> list[TargetModule]:

@@ -72,6 +72,10 @@ class Wan22TI2V(Wan21):
         mask[:, :, 0] = 1.0 - cond["i2v"].to(device, dtype).view(-1, 1, 1, 1)
         return mask
 
+    def loss_mask(self, cond: dict[str, torch.Tensor], shape: torch.Size) -> torch.Tensor:
+        """The noise mask: an I2V item's first latent frame is given, not predicted, so it has no loss."""
+        return self.noise_mask(cond, shape, cond["i2v"].device, torch.float32)
+
     def token_timesteps(self, mask: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         """[B] timesteps -> [B, tokens]: the mask sampled at each patch's corner, times t (the pipeline's
         `first_frame_mask[0][0][:, ::2, ::2] * t`, flattened)."""
