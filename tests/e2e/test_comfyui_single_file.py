@@ -234,6 +234,34 @@ def test_graph_of_comfyui_files_trains_a_lora_that_loads_back_and_matches_the_di
     assert result["patches_applied"] > 0 and all(v > 0 for v in result["max_abs_delta"].values())
 
 
+def test_fp8_base_weights_train_in_comfyui_from_files(models):
+    """model dtype fp8 in the node (the denoiser's block Linears stored as float8 inside ComfyUI's process, under
+    its inference_mode(False)): the graph of ComfyUI files trains, the losses follow the fp32 run's, and the LoRA
+    loads back onto the file with 0 unloaded keys."""
+    import math
+
+    base = models["base"]
+    config = models["folder"] / "transformer" / "config.json"
+    runs = {}
+    server = _start(models)
+    with server:
+        info = server.object_info()
+        for dtype in ("fp8", "fp32"):
+            job = f"dtype_{dtype}"
+            model = {"class_type": "PhaseTrainerLoadModelFile", "inputs": {
+                "model_file": f"diffusion_models/{WAN_FILE}", "dtype": dtype, "config": str(config)}}
+            server.run_prompt(_with_defaults(_graph(model, job=job, encoders=True), info), timeout=900)
+            runs[dtype] = _losses(base, job)
+    print("fp8:", runs["fp8"], "fp32:", runs["fp32"])
+    assert len(runs["fp8"]) == 6 and all(math.isfinite(x) for x in runs["fp8"])
+    worst = max(abs(a - b) / b for a, b in zip(runs["fp8"], runs["fp32"]))
+    print(f"max relative loss difference fp8 vs fp32 {worst:.3%}")
+    assert worst < 0.05, worst
+    (lora,) = sorted(p for p in (base / "models" / "loras").glob("dtype_fp8_*.safetensors") if "_step" not in p.name)
+    result = comfy_env.probe(base / "models" / "diffusion_models" / WAN_FILE, lora)
+    assert result["not_loaded"] == [] and result["not_patched"] == [] and result["patches_applied"] > 0
+
+
 def _workflow_spec() -> dict:
     note = ("Wan 2.1 T2V LoRA from the files ComfyUI already has: no diffusers folder, no second download.\n\n"
             f"1. models/diffusion_models: the Wan 2.1 model file (here {WF_MODEL}); 1.3B/14B T2V are detected "
