@@ -21,7 +21,7 @@ the stop advice in the node, stops on the plateau and keeps the best LoRA.
 
 Regenerate the workflows and their thumbnails (built with LiteGraph in the real frontend, then serialized):
     PT_WRITE_WORKFLOWS=1 COMFYUI_ROOT=... pytest tests/e2e/test_comfyui_nodes.py -k workflows
-The screenshot docs/comfyui_train_node.png (the README's) is rewritten by every run of the validation test.
+The screenshot docs/comfyui_train_node.png (the README's) is rewritten by the validation test with PT_WRITE_SCREENSHOT=1.
 """
 
 from __future__ import annotations
@@ -788,8 +788,12 @@ def test_train_with_validation_in_the_browser_plots_val_loss_and_the_stop_advice
     ui = entry["outputs"][train_id]["phase_trainer_metrics"][0]
     assert ui["summary"] == shown["caption"].splitlines() and len(ui["rows"]) == last
 
-    # the README screenshot: the node as a user sees it after the run
-    SCREENSHOT.parent.mkdir(exist_ok=True)
+    # the README screenshot: the node as a user sees it after the run (rewritten in docs/ only when asked, so a
+    # test run leaves the working tree clean)
+    import tempfile
+
+    shot = SCREENSHOT if os.environ.get("PT_WRITE_SCREENSHOT") else Path(tempfile.mkdtemp()) / SCREENSHOT.name
+    shot.parent.mkdir(exist_ok=True)
     box = page.evaluate("""() => {
       const n = app.graph._nodes.find((n) => n.type === "PhaseTrainerTrain");
       const ds = app.canvas.ds, title = LiteGraph.NODE_TITLE_HEIGHT || 30;
@@ -803,8 +807,8 @@ def test_train_with_validation_in_the_browser_plots_val_loss_and_the_stop_advice
       return { x: 110, y: 90, width: n.size[0] * ds.scale + 20, height: (n.size[1] + title) * ds.scale + 20 };
     }""")
     page.wait_for_timeout(800)
-    page.screenshot(path=str(SCREENSHOT), clip=box)
-    assert SCREENSHOT.stat().st_size > 20_000
+    page.screenshot(path=str(shot), clip=box)
+    assert shot.stat().st_size > 20_000
     assert page.errors == []
 
 
