@@ -195,8 +195,11 @@ def read_ws_until_done(ws, prompt_id: str, timeout: float) -> list[dict]:
 
 def start_server(base_dir: Path, *, root: Path | None = None, python: Path | None = None,
                  port: int | None = None, extra_args: tuple[str, ...] = (),
-                 timeout: float = READY_TIMEOUT_S) -> ComfyServer:
-    """Start ComfyUI on 127.0.0.1 (CPU, no API nodes, in-memory DB) and wait until /object_info answers."""
+                 timeout: float = READY_TIMEOUT_S, env: dict[str, str] | None = None) -> ComfyServer:
+    """Start ComfyUI on 127.0.0.1 (CPU, no API nodes, in-memory DB) and wait until /object_info answers.
+
+    `env`: variables added for the server's process only (e.g. OMP_NUM_THREADS=1, the test-only packs' tiny
+    configs); the test process's own environment is left alone."""
     root = root or comfyui_root()
     python = python or comfyui_python(root)
     if root is None or python is None:
@@ -209,7 +212,7 @@ def start_server(base_dir: Path, *, root: Path | None = None, python: Path | Non
            "--base-directory", str(base_dir), *extra_args]
     with open(log_path, "wb") as log:
         process = subprocess.Popen(cmd, cwd=root, stdout=log, stderr=subprocess.STDOUT,
-                                   stdin=subprocess.DEVNULL)
+                                   stdin=subprocess.DEVNULL, env={**os.environ, **(env or {})})
     server = ComfyServer(root=Path(root), base_dir=Path(base_dir), port=port, process=process, log_path=log_path)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -16,8 +16,6 @@ ComfyUI builds its CLIP vision from a fixed ViT-H config whatever the file holds
 
 from __future__ import annotations
 
-import json
-import os
 import shutil
 from pathlib import Path
 
@@ -155,16 +153,7 @@ def test_comfyui_clip_vision_gives_the_family_image_embeddings(models):
 def _start(models) -> comfy_env.ComfyServer:
     extra_env = {"OMP_NUM_THREADS": "1", "PT_TINY_UMT5_CONFIG": str(models["text"]["comfy_config"]),
                  "PT_TINY_CLIP_VISION_CONFIG": str(models["vision"]["comfy_config"])}
-    saved = {k: os.environ.get(k) for k in extra_env}
-    os.environ.update(extra_env)
-    try:
-        return comfy_env.start_server(models["base"], root=models["root"], python=models["python"])
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    return comfy_env.start_server(models["base"], root=models["root"], python=models["python"], env=extra_env)
 
 
 def test_graph_of_comfyui_files_with_clip_vision_matches_the_diffusers_folder(models):

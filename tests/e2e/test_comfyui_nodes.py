@@ -464,15 +464,7 @@ def comfy(tmp_path_factory):
     make_clip_folder(base / "input" / CLIP_FOLDER)
     # One thread: the tiny models' ops are too small to share, and two threads on a busy 2-core machine run
     # the training steps several times slower. The variable only reaches the server's process.
-    old = os.environ.get("OMP_NUM_THREADS")
-    os.environ["OMP_NUM_THREADS"] = "1"
-    try:
-        server = comfy_env.start_server(base, root=root, python=python)
-    finally:
-        if old is None:
-            os.environ.pop("OMP_NUM_THREADS", None)
-        else:
-            os.environ["OMP_NUM_THREADS"] = old
+    server = comfy_env.start_server(base, root=root, python=python, env={"OMP_NUM_THREADS": "1"})
     with server:
         yield Comfy(server, base, root, python)
 

@@ -192,16 +192,7 @@ def _start(models) -> comfy_env.ComfyServer:
     # Both variables reach only the server's process: one thread (tiny ops on a busy 2-core machine) and the
     # tiny UMT5 config for tests/e2e/comfy_tiny_umt5.
     extra_env = {"OMP_NUM_THREADS": "1", "PT_TINY_UMT5_CONFIG": str(models["text"]["comfy_config"])}
-    saved = {k: os.environ.get(k) for k in extra_env}
-    os.environ.update(extra_env)
-    try:
-        return comfy_env.start_server(models["base"], root=models["root"], python=models["python"])
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    return comfy_env.start_server(models["base"], root=models["root"], python=models["python"], env=extra_env)
 
 
 def test_graph_of_comfyui_files_trains_a_lora_that_loads_back_and_matches_the_diffusers_folder(models):

@@ -221,16 +221,7 @@ def comfy(tmp_path_factory):
     # test-only packs.
     extra_env = {"OMP_NUM_THREADS": "1", "PT_TINY_UMT5_CONFIG": str(text["comfy_config"]),
                  "PT_TINY_FLUX_TE": str(work / "flux_te_options.json")}
-    saved = {k: os.environ.get(k) for k in extra_env}
-    os.environ.update(extra_env)
-    try:
-        server = comfy_env.start_server(base, root=root, python=python)
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    server = comfy_env.start_server(base, root=root, python=python, env=extra_env)
     with server:
         yield {"server": server, "base": base, "root": root, "python": python,
                "flux_config": flux["folder"] / "transformer" / "config.json",
