@@ -45,12 +45,13 @@ def native_state_dict(transformer, prefix: str = "") -> dict:
     return {prefix + native_wan_key(k): v.detach().clone().contiguous() for k, v in transformer.state_dict().items()}
 
 
-def header_only_file(path, shapes: dict) -> None:
+def header_only_file(path, shapes: dict, metadata: dict | None = None) -> None:
     """A .safetensors file whose header declares `shapes` (float8, so tensor bytes stay small) -- enough for
-    detect_variant, which never reads tensor data. Real sizes would be gigabytes."""
+    detect_variant, which never reads tensor data. Real sizes would be gigabytes. `metadata`: the header's
+    __metadata__ entry (e.g. ComfyUI's _quantization_metadata)."""
     import struct
 
-    header, offset = {}, 0
+    header, offset = ({"__metadata__": metadata} if metadata is not None else {}), 0
     for key, shape in shapes.items():
         n = 1
         for d in shape:

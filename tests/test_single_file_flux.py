@@ -9,12 +9,12 @@ the two directions agree."""
 from __future__ import annotations
 
 import json
-import struct
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from family_helpers import header_only_file
 from fixtures_models import tiny_flux_path, tiny_flux_schnell_path  # noqa: F401
 from tests.media import write_caption
 from trainer.errors import ModelError
@@ -75,21 +75,6 @@ def bfl_state_dict(transformer, prefix: str = "") -> dict:
         out[f"{b}norm.query_norm.scale"] = sd[f"{d}attn.norm_q.weight"]
         out[f"{b}norm.key_norm.scale"] = sd[f"{d}attn.norm_k.weight"]
     return {prefix + k: v.clone().contiguous() for k, v in out.items()}
-
-
-def header_only_file(path, shapes: dict) -> None:
-    """A .safetensors file whose header declares `shapes` (F8, sparse): all detection reads."""
-    header, offset = {}, 0
-    for key, shape in shapes.items():
-        n = 1
-        for d in shape:
-            n *= d
-        header[key] = {"dtype": "F8_E4M3", "shape": list(shape), "data_offsets": [offset, offset + n]}
-        offset += n
-    blob = json.dumps(header).encode()
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(blob)) + blob)
-        f.truncate(8 + len(blob) + offset)
 
 
 def released_shapes(variant_name: str, prefix: str = "") -> dict:

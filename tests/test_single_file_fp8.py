@@ -177,21 +177,6 @@ def test_scaled_fp8_flux_file_loads_dequantized_exactly(tiny_flux_path, tmp_path
                            transformer.state_dict()["transformer_blocks.0.attn.to_q.weight"])
 
 
-def header_with_metadata(path, shapes: dict, metadata: dict) -> None:
-    """family_helpers.header_only_file with a safetensors metadata entry (a sparse file: no tensor bytes)."""
-    import struct
-
-    header, offset = {"__metadata__": metadata}, 0
-    for key, shape in shapes.items():
-        n = math.prod(shape)
-        header[key] = {"dtype": "F8_E4M3", "shape": list(shape), "data_offsets": [offset, offset + n]}
-        offset += n
-    blob = json.dumps(header).encode()
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(blob)) + blob)
-        f.truncate(8 + len(blob) + offset)
-
-
 def test_released_sizes_are_detected_from_fp8_scaled_headers(tmp_path):
     """wan2.1_t2v_14B_fp8_scaled, wan2.2_t2v_*_noise_14B_fp8_scaled, ...: the header of each released variant
     with ComfyUI's scales added detects as that variant (the scales are not weights)."""
@@ -212,7 +197,7 @@ def test_released_sizes_are_detected_from_fp8_scaled_headers(tmp_path):
               if k.startswith(("double_blocks.", "single_blocks.")) and k.endswith(".weight") and len(shape) == 2}
     file = tmp_path / "flux1-dev-fp8-mixed.safetensors"
     layers = {k[:-len(".weight_scale")]: {"format": "float8_e4m3fn"} for k in scales}
-    header_with_metadata(file, {**dev, **scales}, {"_quantization_metadata": json.dumps({"layers": layers})})
+    header_only_file(file, {**dev, **scales}, {"_quantization_metadata": json.dumps({"layers": layers})})
     assert detect_variant(file).name == "flux1_dev"
     assert file_quantization(file).style == MIXED_METADATA
 

@@ -15,6 +15,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from family_helpers import header_only_file
 from fixtures_models import tiny_sd15_path  # noqa: F401
 from tests.media import write_caption
 from trainer.errors import ModelError
@@ -120,23 +121,6 @@ def ldm_state_dict(unet, vae, text) -> dict:
     # what original checkpoints also carry: the DDPM schedule buffers (ignored by the loader)
     out["alphas_cumprod"] = torch.linspace(1, 0.01, 1000)
     return {k: v.detach().clone().contiguous() for k, v in out.items()}
-
-
-def header_only_file(path, shapes: dict) -> None:
-    """A .safetensors file whose header declares `shapes` (F8, sparse): all detect_variant reads."""
-    import struct
-
-    header, offset = {}, 0
-    for key, shape in shapes.items():
-        n = 1
-        for d in shape:
-            n *= d
-        header[key] = {"dtype": "F8_E4M3", "shape": list(shape), "data_offsets": [offset, offset + n]}
-        offset += n
-    blob = json.dumps(header).encode()
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(blob)) + blob)
-        f.truncate(8 + len(blob) + offset)
 
 
 def released_ldm_shapes():

@@ -13,7 +13,8 @@ from safetensors.torch import save_file
 
 from fixtures_models import tiny_sdxl_path  # noqa: F401
 from tests.media import write_caption
-from tests.test_single_file_sd15 import header_only_file, ldm_unet_key, ldm_vae_key
+from family_helpers import header_only_file
+from tests.test_single_file_sd15 import ldm_unet_key, ldm_vae_key
 from trainer.errors import ModelError
 from trainer.families import get_family
 from trainer.families.single_file import (
